@@ -1,0 +1,204 @@
+"""Pure answer classification: the answer table of the public contract (section 2) as code.
+
+:func:`classify` turns what one HTTP request produced (:class:`Answer`) into what to do with the
+row (:class:`Decision`). It does no I/O, reads no clock and never raises on odd input: bodies
+are parsed leniently and statuses nobody expected are retried.
+
+=====================================================  =========  =======  ==========  =========
+answer                                                 verdict    charged  unknown     transient
+=====================================================  =========  =======  ==========  =========
+2xx                                                    delivered  yes      no          no
+400 ``ACTION_ALREADY_FINAL`` / 404, earlier unknown    delivered  yes      no          no
+other 400, 404, other 4xx                              dead       yes      no          no
+401 (can renew the token)                              reauth     no       no          no
+401 (cannot renew), 403                                pause      no       no          no
+408, 425, 429                                          retry      yes      no          yes
+5xx                                                    retry      yes      yes         yes
+no response, maybe sent / certainly not sent           retry      yes      yes / no    yes
+anything else (1xx, 3xx, ...)                          retry      yes      no          yes
+=====================================================  =========  =======  ==========  =========
+
+A retry becomes ``dead`` once :func:`relay.retry.give_up_reason` says so for the attempt just made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from relay import retry
+from relay.settings import RetrySettings
+
+__all__ = ["ALREADY_FINAL", "Answer", "Decision", "Verdict", "classify"]
+
+ALREADY_FINAL = "ACTION_ALREADY_FINAL"
+MESSAGE_LIMIT = 500
+CODE_LIMIT = 100
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one HTTP request produced."""
+
+    status: int | None  # HTTP status; None when no response arrived
+    body: bytes = b""
+    retry_after: str | None = None  # the raw Retry-After header
+    transport_error: str | None = None  # e.g. "ReadTimeout", "ConnectError", "RemoteProtocolError"
+    maybe_sent: bool = True  # False when the request certainly never reached the server
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD = "dead"
+    REAUTH = "reauth"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with the row after one request, and what to record about that request."""
+
+    verdict: Verdict
+    outcome: str  # delivery_attempts.outcome: delivered, delivered_earlier, retry, dead, reauth, paused
+    charged: bool  # counts toward the row's attempts (and max_attempts)
+    outcome_unknown: bool  # the request may have been applied without us seeing the answer
+    retry_at: datetime | None  # for RETRY: when to try again
+    error_code: str | None  # the API's code, the transport error name, or "HTTP_<status>"
+    error_message: str | None  # the API's message (at most 500 chars), or a transport description
+    reason: str  # one human-readable line for last_error
+    transient: bool  # counts as a failure for the target's circuit breaker
+
+
+def classify(
+    answer: Answer,
+    *,
+    attempts: int,
+    earlier_unknown: bool,
+    created_at: datetime,
+    now: datetime,
+    policy: RetrySettings,
+    rand: Callable[[], float],
+    can_reauth: bool,
+) -> Decision:
+    """Decide what one answer means for its row.
+
+    ``attempts`` is the number of attempts already charged before this request;
+    ``earlier_unknown`` is whether an earlier attempt of this row ended with an unknown outcome.
+    A status, when present, wins over ``transport_error``.
+    """
+    status = answer.status
+    if status is None:
+        name = answer.transport_error or "NoResponse"
+        sent = "the request may have reached the server" if answer.maybe_sent else "the request was not sent"
+        unknown = ", outcome unknown" if answer.maybe_sent else ""
+        failure = _Failure(name, f"no response ({name}); {sent}", f"{name} (no response{unknown})")
+        return _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=answer.maybe_sent)
+
+    api_code, api_message = _api_error(answer.body)
+    code = api_code or f"HTTP_{status}"
+    describe = _describe(status, api_code, api_message)
+
+    def settled(verdict: Verdict, outcome: str, reason: str, *, charged: bool = True) -> Decision:
+        return Decision(
+            verdict=verdict,
+            outcome=outcome,
+            charged=charged,
+            outcome_unknown=False,
+            retry_at=None,
+            error_code=code,
+            error_message=api_message,
+            reason=reason,
+            transient=False,
+        )
+
+    if 200 <= status < 300:
+        return replace(settled(Verdict.DELIVERED, "delivered", describe), error_code=None, error_message=None)
+    if earlier_unknown and (status == 404 or (status == 400 and api_code == ALREADY_FINAL)):
+        reason = f"{describe}: an earlier attempt with an unknown outcome was delivered"
+        return settled(Verdict.DELIVERED, "delivered_earlier", reason)
+    if status == 401 and can_reauth:
+        return settled(Verdict.REAUTH, "reauth", f"{describe}: renewing the token", charged=False)
+    if status in (401, 403):
+        why = "credentials refused" if status == 401 else "token lacks permission"
+        return settled(Verdict.PAUSE, "paused", f"{describe}: {why}, pausing the target", charged=False)
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return settled(Verdict.DEAD, "dead", describe)
+    if status in _RETRYABLE_4XX or 500 <= status < 600:
+        failure = _Failure(code, api_message, describe)
+        return _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=status >= 500)
+    # 1xx, 3xx, out-of-range statuses: nothing the API documents; retry, without assuming it landed.
+    failure = _Failure(code, api_message, f"{describe} (unexpected status)")
+    return _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=False)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What a retryable failure records: error code, error message, one-line description."""
+
+    code: str
+    message: str | None
+    describe: str
+
+
+def _retry(
+    failure: _Failure,
+    answer: Answer,
+    attempts: int,
+    created_at: datetime,
+    now: datetime,
+    policy: RetrySettings,
+    rand: Callable[[], float],
+    *,
+    unknown: bool,
+) -> Decision:
+    """A transient failure: try again later, or ``dead`` once the policy gives up."""
+    made = attempts + 1
+    give_up = retry.give_up_reason(made, created_at, now, policy)
+    if give_up is not None:
+        verdict, retry_at, reason = Verdict.DEAD, None, f"{give_up}; last failure: {failure.describe}"
+    else:
+        delay = retry.retry_delay(made, policy, rand, retry.parse_retry_after(answer.retry_after, now))
+        verdict, retry_at = Verdict.RETRY, now + timedelta(seconds=delay)
+        reason = f"{failure.describe}, retrying in {retry.human_duration(delay)}"
+    return Decision(
+        verdict=verdict,
+        outcome=verdict.value,
+        charged=True,
+        outcome_unknown=unknown,
+        retry_at=retry_at,
+        error_code=failure.code,
+        error_message=failure.message,
+        reason=reason,
+        transient=True,
+    )
+
+
+def _api_error(body: bytes) -> tuple[str | None, str | None]:
+    """The ``code`` and ``message`` of an API error body; ``None`` for anything missing or odd."""
+    if not body:
+        return None, None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, absurdly nested
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    code, message = doc.get("code"), doc.get("message")
+    code = code.strip()[:CODE_LIMIT] if isinstance(code, str) and code.strip() else None
+    message = message[:MESSAGE_LIMIT] if isinstance(message, str) and message.strip() else None
+    return code, message
+
+
+def _describe(status: int, code: str | None, message: str | None) -> str:
+    """``HTTP 400 INVALID_INPUT: message`` on one line; the parts that are missing left out."""
+    text = f"HTTP {status}"
+    if code:
+        text += f" {' '.join(code.split())}"
+    if message:
+        text += f": {' '.join(message.split())}"
+    return text

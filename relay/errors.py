@@ -1,0 +1,61 @@
+"""The one error tree of outbox-relay.
+
+Every error the relay raises on purpose is a ``RelayError``. Lower-level errors
+(psycopg, SQLAlchemy, httpx, OS) are translated where they cross into our code,
+with ``raise ... from exc``, so callers only ever catch these::
+
+    RelayError                      exit code 1 unless a subclass says otherwise
+    ├── ConfigError                 bad configuration or command line (exit 2)
+    ├── InvalidUpdate               PostgreSQL refused a row: a constraint says why (exit 2)
+    ├── ConflictingUpdate           the action already has a different outcome queued (exit 2)
+    ├── NotFound                    no such action / row (exit 1)
+    ├── DatabaseError               PostgreSQL unreachable or failed (exit 1)
+    │   └── SchemaError             schema missing, too old, or a migration file changed (exit 1)
+    └── AuthError                   a token could not be obtained (exit 1)
+
+The command line turns any of them into one line on stderr and ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error raised on purpose by outbox-relay."""
+
+    exit_code = 1
+
+
+class ConfigError(RelayError):
+    """The configuration file, environment or command line is invalid."""
+
+    exit_code = 2
+
+
+class InvalidUpdate(RelayError):
+    """PostgreSQL refused an update row; the message names the rule that failed."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+
+
+class ConflictingUpdate(InvalidUpdate):
+    """The action already has a different outcome queued for the same target."""
+
+
+class NotFound(RelayError):
+    """The action or row asked for does not exist."""
+
+
+class DatabaseError(RelayError):
+    """PostgreSQL could not be reached or a statement failed unexpectedly."""
+
+
+class SchemaError(DatabaseError):
+    """The outbox schema is missing, out of date, or an applied migration changed."""
+
+
+class AuthError(RelayError):
+    """A bearer token could not be obtained from the token endpoint or file."""

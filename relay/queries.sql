@@ -1,0 +1,117 @@
+-- Every SQL statement outbox-relay runs, by name. relay/store.py loads this file once.
+-- A block starts with a line "-- name --" and runs until the next one.
+
+-- migrations_bootstrap --
+create schema if not exists outbox;
+create table if not exists outbox.schema_migrations (
+    version    integer primary key,
+    name       text not null,
+    checksum   text not null,
+    applied_at timestamptz not null default now()
+)
+
+-- migrations_lock --
+select pg_advisory_lock(hashtext('outbox-relay migrations'))
+
+-- migrations_unlock --
+select pg_advisory_unlock(hashtext('outbox-relay migrations'))
+
+-- migrations_applied --
+select version, name, checksum, applied_at from outbox.schema_migrations order by version
+
+-- migrations_record --
+insert into outbox.schema_migrations (version, name, checksum) values (:version, :name, :checksum)
+
+-- schema_version --
+select coalesce(max(version), 0) as version
+from outbox.schema_migrations
+
+-- schema_exists --
+select to_regclass('outbox.schema_migrations') is not null as present
+
+-- updates_enqueue --
+select outbox.enqueue_action_status(:action_id, :status, cast(:errors as jsonb), :target) as id
+
+-- updates_claim --
+with due as (
+    select id
+    from outbox.action_status_updates
+    where target = :target
+      and state in ('pending', 'in_flight')
+      and next_attempt_at <= now()
+    order by next_attempt_at
+    limit :limit
+    for update skip locked
+)
+update outbox.action_status_updates u
+set state = 'in_flight',
+    outcome_unknown = u.outcome_unknown or u.state = 'in_flight',
+    next_attempt_at = now() + make_interval(secs => :lease),
+    claim_token = :token,
+    claimed_by = :relay_id
+from due
+where u.id = due.id
+returning u.id, u.action_id, u.status, u.errors, u.target, u.attempts, u.requests,
+          u.created_at, u.outcome_unknown, u.next_attempt_at as lease_until
+
+-- updates_record --
+with r as (
+    select *
+    from unnest(cast(:ids as bigint[]), cast(:tokens as uuid[]), cast(:states as text[]),
+                cast(:retry_at as timestamptz[]), cast(:charged as integer[]),
+                cast(:requests as integer[]), cast(:unknown as boolean[]),
+                cast(:http_status as integer[]), cast(:last_error as text[]))
+         as r(id, token, state, retry_at, charged, requests, unknown, http_status, last_error)
+), done as (
+    update outbox.action_status_updates u
+    set state = r.state,
+        attempts = u.attempts + r.charged,
+        requests = u.requests + r.requests,
+        outcome_unknown = u.outcome_unknown or r.unknown,
+        next_attempt_at = case when r.state = 'pending' then coalesce(r.retry_at, now())
+                               else u.next_attempt_at end,
+        delivered_at = case when r.state = 'delivered' then now() end,
+        dead_at = case when r.state = 'dead' then now() end,
+        last_http_status = case when r.requests > 0 then r.http_status else u.last_http_status end,
+        last_error = case when r.requests > 0 then r.last_error else u.last_error end,
+        claim_token = null,
+        claimed_by = null
+    from r
+    where u.id = r.id and u.claim_token = r.token
+    returning u.id
+), attempts as (
+    insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
+        duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id)
+    select a.update_id, a.action_id, a.target, a.attempt, a.started_at, a.duration_ms, a.http_status,
+           case when a.update_id in (select id from done) then a.outcome else 'superseded' end,
+           a.error_code, a.error_message, a.response_body, :relay_id
+    from unnest(cast(:a_update_id as bigint[]), cast(:a_action_id as text[]), cast(:a_target as text[]),
+                cast(:a_attempt as integer[]), cast(:a_started_at as timestamptz[]),
+                cast(:a_duration_ms as double precision[]), cast(:a_http_status as integer[]),
+                cast(:a_outcome as text[]), cast(:a_error_code as text[]), cast(:a_error_message as text[]),
+                cast(:a_response_body as text[]))
+         as a(update_id, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
+              error_code, error_message, response_body)
+    returning 1
+)
+select (select count(*) from done) as recorded, (select count(*) from attempts) as attempts
+
+-- relay_targets_heartbeat --
+insert into outbox.relay_targets as t (relay_id, target, state, reason)
+select :relay_id, s.target, s.state, s.reason
+from unnest(cast(:targets as text[]), cast(:states as text[]), cast(:reasons as text[]))
+     as s(target, state, reason)
+on conflict (relay_id, target) do update
+set state = excluded.state,
+    reason = excluded.reason,
+    since = case when t.state = excluded.state then t.since else now() end,
+    heartbeat_at = now()
+
+-- relay_targets_forget --
+delete from outbox.relay_targets where relay_id = :relay_id
+
+-- relay_targets_expire --
+delete from outbox.relay_targets where heartbeat_at < now() - interval '1 day'
+
+-- notify_relays --
+select pg_notify('outbox_action_status', '')

@@ -1,0 +1,313 @@
+"""The only module that talks to PostgreSQL.
+
+Statements live in ``queries.sql`` as named blocks and are loaded once. Every method is
+one short transaction; none is ever held open across an HTTP request. psycopg and
+SQLAlchemy errors are translated into the :mod:`relay.errors` tree here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import psycopg.errors
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError
+from relay.settings import Secret
+
+NOTIFY_CHANNEL = "outbox_action_status"
+_BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named statements of ``queries.sql``."""
+    source = resources.files("relay").joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _BLOCK.split(source)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _q(name: str) -> Any:
+    return text(queries()[name])
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    action_id: str
+    status: str
+    errors: list[dict[str, str]]
+    target: str
+    attempts: int
+    requests: int
+    created_at: datetime
+    outcome_unknown: bool
+    lease_until: datetime
+    token: UUID
+
+
+_CLAIM_COLUMNS = (
+    "id", "action_id", "status", "errors", "target", "attempts", "requests",
+    "created_at", "outcome_unknown", "lease_until",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One HTTP request made for an update, as written to ``outbox.delivery_attempts``."""
+
+    update_id: int
+    action_id: str
+    target: str
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    http_status: int | None
+    outcome: str
+    error_code: str | None
+    error_message: str | None
+    response_body: str | None
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """The new state of one claimed update. ``state='pending'`` schedules a retry at ``retry_at``."""
+
+    id: int
+    token: UUID
+    state: str
+    retry_at: datetime | None = None
+    charged: int = 0
+    requests: int = 0
+    unknown: bool = False
+    http_status: int | None = None
+    last_error: str | None = None
+
+
+def sqlalchemy_url(url: Secret) -> str:
+    """A psycopg-3 SQLAlchemy URL from a plain ``postgresql://`` URL."""
+    parsed = make_url(url.reveal())
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def libpq_url(url: Secret) -> str:
+    parsed = make_url(url.reveal())
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _translate(exc: BaseException) -> Exception:
+    """Our error for a database exception: a refused row, a conflict, or a database failure."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, psycopg.errors.UniqueViolation):
+        return ConflictingUpdate(orig.diag.message_primary or str(orig), orig.diag.constraint_name)
+    if isinstance(
+        orig,
+        psycopg.errors.CheckViolation
+        | psycopg.errors.NotNullViolation
+        | psycopg.errors.InvalidTextRepresentation
+        | psycopg.errors.RaiseException,
+    ):
+        return InvalidUpdate(orig.diag.message_primary or str(orig), orig.diag.constraint_name)
+    if isinstance(orig, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName) or (
+        isinstance(orig, psycopg.errors.UndefinedFunction) and "outbox." in str(orig)
+    ):
+        return SchemaError("the outbox schema is missing or incomplete: run `outbox-relay migrate`")
+    if isinstance(orig, psycopg.Error):
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        return DatabaseError(f"database error: {first}")
+    return DatabaseError(f"database error: {type(exc).__name__}: {exc}")
+
+
+class Store:
+    """Named queries over one small connection pool."""
+
+    def __init__(self, url: Secret, *, pool_size: int = 4, application_name: str = "outbox-relay") -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_async_engine(
+            sqlalchemy_url(url),
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_timeout=30,
+            connect_args={"application_name": application_name, "connect_timeout": 10},
+        )
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (SQLAlchemyError, psycopg.Error, OSError) as exc:
+            raise _translate(exc) from exc
+
+    async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        async with self._tx() as conn:
+            result = await conn.execute(_q(name), dict(params or {}))
+            return list(result.mappings()) if result.returns_rows else []
+
+    # -- schema ----------------------------------------------------------------------------
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(text("select 1"))
+
+    async def schema_version(self) -> int:
+        async with self._tx() as conn:
+            present = (await conn.execute(_q("schema_exists"))).scalar_one()
+            if not present:
+                return 0
+            return int((await conn.execute(_q("schema_version"))).scalar_one())
+
+    @asynccontextmanager
+    async def migration_session(self) -> AsyncIterator[MigrationSession]:
+        """A connection holding the migrations advisory lock for as long as it is open."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(_q("migrations_lock"))
+                await conn.commit()
+                try:
+                    yield MigrationSession(conn)
+                finally:
+                    await conn.rollback()
+                    await conn.execute(_q("migrations_unlock"))
+                    await conn.commit()
+        except (SQLAlchemyError, psycopg.Error, OSError) as exc:
+            raise _translate(exc) from exc
+
+    # -- writers ---------------------------------------------------------------------------
+    async def enqueue(
+        self, action_id: str, status: str, errors: Sequence[Mapping[str, str]], target: str
+    ) -> int:
+        rows = await self._rows(
+            "updates_enqueue",
+            {"action_id": action_id, "status": status, "errors": json.dumps(list(errors)), "target": target},
+        )
+        return int(rows[0]["id"])
+
+    async def notify_relays(self) -> None:
+        await self._rows("notify_relays")
+
+    # -- the relay -------------------------------------------------------------------------
+    async def claim(
+        self, target: str, limit: int, lease: float, token: UUID, relay_id: str
+    ) -> list[ClaimedRow]:
+        rows = await self._rows(
+            "updates_claim",
+            {"target": target, "limit": limit, "lease": lease, "token": token, "relay_id": relay_id},
+        )
+        return [
+            ClaimedRow(**{k: r[k] for k in _CLAIM_COLUMNS}, token=token)
+            for r in rows
+        ]
+
+    async def record(
+        self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
+    ) -> int:
+        """Write results guarded by their claim tokens, plus attempt rows; returns rows updated."""
+        if not results and not attempts:
+            return 0
+        params: dict[str, Any] = {
+            "relay_id": relay_id,
+            "ids": [r.id for r in results],
+            "tokens": [r.token for r in results],
+            "states": [r.state for r in results],
+            "retry_at": [r.retry_at for r in results],
+            "charged": [r.charged for r in results],
+            "requests": [r.requests for r in results],
+            "unknown": [r.unknown for r in results],
+            "http_status": [r.http_status for r in results],
+            "last_error": [r.last_error for r in results],
+            "a_update_id": [a.update_id for a in attempts],
+            "a_action_id": [a.action_id for a in attempts],
+            "a_target": [a.target for a in attempts],
+            "a_attempt": [a.attempt for a in attempts],
+            "a_started_at": [a.started_at for a in attempts],
+            "a_duration_ms": [a.duration_ms for a in attempts],
+            "a_http_status": [a.http_status for a in attempts],
+            "a_outcome": [a.outcome for a in attempts],
+            "a_error_code": [a.error_code for a in attempts],
+            "a_error_message": [a.error_message for a in attempts],
+            "a_response_body": [a.response_body for a in attempts],
+        }
+        rows = await self._rows("updates_record", params)
+        return int(rows[0]["recorded"])
+
+    async def heartbeat(self, relay_id: str, states: Sequence[tuple[str, str, str | None]]) -> None:
+        await self._rows(
+            "relay_targets_heartbeat",
+            {
+                "relay_id": relay_id,
+                "targets": [s[0] for s in states],
+                "states": [s[1] for s in states],
+                "reasons": [s[2] for s in states],
+            },
+        )
+
+    async def forget_relay(self, relay_id: str) -> None:
+        await self._rows("relay_targets_forget", {"relay_id": relay_id})
+        await self._rows("relay_targets_expire")
+
+    async def listen(self, ready: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Yield once per NOTIFY on the outbox channel; raises DatabaseError when the connection is lost."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                libpq_url(self.url), autocommit=True, application_name="outbox-relay listener"
+            )
+        except (psycopg.Error, OSError) as exc:
+            raise _translate(exc) from exc
+        try:
+            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            if ready is not None:
+                ready.set()
+            async for _ in conn.notifies():
+                yield None
+        except (psycopg.Error, OSError) as exc:
+            raise _translate(exc) from exc
+        finally:
+            await conn.close()
+
+
+class MigrationSession:
+    """Migration primitives on a connection that holds the migrations lock."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def applied(self) -> dict[int, tuple[str, str]]:
+        raw = await self._conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.execute(queries()["migrations_bootstrap"])
+        rows = (await self._conn.execute(_q("migrations_applied"))).mappings()
+        result = {int(r["version"]): (str(r["name"]), str(r["checksum"])) for r in rows}
+        await self._conn.commit()
+        return result
+
+    async def apply(self, version: int, name: str, checksum: str, sql: str) -> None:
+        """Run one migration file and record it, in one transaction."""
+        raw = await self._conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        try:
+            await self._conn.execute(text("select 1"))  # opens the transaction
+            await driver.execute(sql)
+            await self._conn.execute(
+                _q("migrations_record"), {"version": version, "name": name, "checksum": checksum}
+            )
+            await self._conn.commit()
+        except BaseException:
+            await self._conn.rollback()
+            raise

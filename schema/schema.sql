@@ -1,0 +1,345 @@
+-- The canonical DDL of the outbox schema: what every migration in migrations/ adds up to.
+-- Read this to know the schema; apply migrations/ (outbox-relay migrate) to create it.
+-- tests/test_schema.py proves that both produce the same catalog.
+
+create schema if not exists outbox;
+create table if not exists outbox.schema_migrations (
+    version    integer primary key,
+    name       text not null,
+    checksum   text not null,
+    applied_at timestamptz not null default now()
+);
+
+
+create table outbox.error_codes (
+    code        text primary key,
+    description text not null default '',
+    constraint error_code_format check (code ~ '^[A-Z][A-Z0-9_]{0,63}$')
+);
+comment on table outbox.error_codes is
+    'Accepted errors[].code values for updateActionStatus. Add one with a plain INSERT.';
+
+insert into outbox.error_codes (code, description) values
+    ('INVALID_INPUT',          'The action''s input was invalid'),
+    ('DATA_NOT_FOUND',         'Data needed for the action was not found'),
+    ('UNEXPECTED',             'An unexpected error occurred'),
+    ('UNAVAILABLE',            'A system needed for the action was unavailable'),
+    ('TOO_MANY_REQUEST',       'The action was refused for too many requests'),
+    ('ACTION_NOT_SUPPORTED',   'The action is not supported'),
+    ('ORDER_IN_WRONG_STATE',   'The order is in a state that does not allow the action'),
+    ('RETURN_IN_WRONG_STATE',  'The return is in a state that does not allow the action'),
+    ('OTHER',                  'Any other failure'),
+    ('CARRIER_NOT_SUPPORTED',  'The carrier is not supported'),
+    ('MISSING_CARRIER',        'The carrier is missing'),
+    ('WAREHOUSE_ID_NOT_FOUND', 'The warehouse id was not found'),
+    ('WAREHOUSE_ID_REQUIRED',  'A warehouse id is required');
+
+-- One row per action outcome to report.
+-- States and what moves a row out of them:
+--   pending    claimed by a relay when next_attempt_at <= now()         -> in_flight
+--   in_flight  the relay records the answer                              -> delivered | pending (retry) | dead
+--              or its lease (next_attempt_at while in flight) runs out   -> claimable again
+--   delivered  final (purged by retention)
+--   dead       final; `outbox-relay dead retry` puts it back             -> pending
+create table outbox.action_status_updates (
+    id               bigint generated always as identity primary key,
+    action_id        text not null,
+    status           text not null,
+    errors           jsonb not null default '[]',
+    target           text not null default 'default',
+    state            text not null default 'pending',
+    attempts         integer not null default 0,
+    created_at       timestamptz not null default now(),
+    next_attempt_at  timestamptz not null default now(),
+    delivered_at     timestamptz,
+    dead_at          timestamptz,
+    last_error       text,
+    last_http_status integer,
+    requests         integer not null default 0,
+    outcome_unknown  boolean not null default false,
+    claim_token      uuid,
+    claimed_by       text,
+    requeued_at      timestamptz,
+    requeue_reason   text,
+    constraint action_status_updates_target_action_id_key unique (target, action_id),
+    constraint action_id_length check (char_length(action_id) between 1 and 255),
+    constraint action_id_printable check (
+        action_id !~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'),
+    constraint status_known check (status in ('SUCCESS', 'FAILED')),
+    constraint errors_is_array check (jsonb_typeof(errors) = 'array'),
+    constraint failed_requires_errors check (
+        status <> 'FAILED' or (jsonb_typeof(errors) = 'array' and jsonb_array_length(errors) > 0)),
+    constraint success_has_no_errors check (status <> 'SUCCESS' or errors = '[]'::jsonb),
+    constraint target_name check (target ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    constraint state_known check (state in ('pending', 'in_flight', 'delivered', 'dead')),
+    constraint attempts_counted check (attempts >= 0 and requests >= attempts),
+    constraint delivered_at_iff_delivered check ((state = 'delivered') = (delivered_at is not null)),
+    constraint dead_at_iff_dead check ((state = 'dead') = (dead_at is not null)),
+    constraint claim_iff_in_flight check ((state = 'in_flight') = (claim_token is not null))
+);
+comment on column outbox.action_status_updates.next_attempt_at is
+    'Not claimed before this. While in_flight it is the end of the claim''s lease.';
+comment on column outbox.action_status_updates.attempts is
+    'HTTP attempts charged so far (auth retries and paused targets charge none).';
+comment on column outbox.action_status_updates.requests is 'HTTP requests made so far.';
+comment on column outbox.action_status_updates.outcome_unknown is
+    'An earlier request may have been applied without its answer being seen.';
+comment on column outbox.action_status_updates.claim_token is
+    'Fencing token of the current claim: a result is recorded only under the same token.';
+
+-- What a relay claims: due rows per target. Finished rows are not in it, so the claim's
+-- cost does not grow with history.
+create index action_status_updates_claimable
+    on outbox.action_status_updates (target, next_attempt_at)
+    where state in ('pending', 'in_flight');
+create index action_status_updates_action_id on outbox.action_status_updates (action_id);
+create index action_status_updates_delivered_at
+    on outbox.action_status_updates (delivered_at) where state = 'delivered';
+create index action_status_updates_dead_at
+    on outbox.action_status_updates (dead_at) where state = 'dead';
+
+-- Refuse bad rows inside the writer's transaction, naming the rule and saying what is wrong.
+create function outbox.validate_action_status_update() returns trigger
+language plpgsql as $$
+declare
+    item  jsonb;
+    pos   integer := 0;
+    key   text;
+    err_code text;
+    msg   jsonb;
+    bad   text;
+    fail  text;
+begin
+    if new.action_id is null or new.status is null or new.errors is null or new.target is null then
+        raise exception using
+            errcode = 'not_null_violation', schema = 'outbox', table = 'action_status_updates',
+            message = format('%s must not be null', case when new.action_id is null then 'action_id'
+                when new.status is null then 'status' when new.errors is null then 'errors' else 'target' end);
+    end if;
+    if char_length(new.action_id) = 0 then
+        bad := 'action_id_length'; fail := 'action_id must not be empty';
+    elsif char_length(new.action_id) > 255 then
+        bad := 'action_id_length';
+        fail := format('action_id is %s characters long; at most 255 are allowed', char_length(new.action_id));
+    elsif new.action_id ~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]' then
+        bad := 'action_id_printable'; fail := 'action_id must not contain whitespace or control characters';
+    elsif new.status is distinct from 'SUCCESS' and new.status is distinct from 'FAILED' then
+        bad := 'status_known'; fail := format('status must be SUCCESS or FAILED, not %s', coalesce('"' || new.status || '"', 'null'));
+    elsif new.target !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' then
+        bad := 'target_name'; fail := format('target "%s" is not a valid name (1-63 letters, digits, "_", "-" or ".")', new.target);
+    elsif jsonb_typeof(new.errors) <> 'array' then
+        bad := 'errors_is_array';
+        fail := format('errors must be a JSON array of {"code", "message"} objects, not a JSON %s', jsonb_typeof(new.errors));
+    elsif new.status = 'FAILED' and jsonb_array_length(new.errors) = 0 then
+        bad := 'failed_requires_errors'; fail := 'FAILED requires at least one error';
+    elsif new.status = 'SUCCESS' and jsonb_array_length(new.errors) > 0 then
+        bad := 'success_has_no_errors'; fail := 'SUCCESS must not carry errors';
+    end if;
+
+    if fail is null then
+        for item in select value from jsonb_array_elements(new.errors) loop
+            if jsonb_typeof(item) <> 'object' then
+                bad := 'error_shape';
+                fail := format('errors[%s] must be an object with "code" and "message", not a JSON %s', pos, jsonb_typeof(item));
+                exit;
+            end if;
+            select k into key from jsonb_object_keys(item) as k where k not in ('code', 'message') limit 1;
+            if key is not null then
+                bad := 'error_shape';
+                fail := format('errors[%s] has unknown key "%s"; only "code" and "message" are allowed', pos, key);
+                exit;
+            end if;
+            if jsonb_typeof(item -> 'code') is distinct from 'string' then
+                bad := 'error_code_known'; fail := format('errors[%s].code must be a string', pos);
+                exit;
+            end if;
+            err_code := item ->> 'code';
+            if not exists (select 1 from outbox.error_codes c where c.code = err_code) then
+                bad := 'error_code_known';
+                fail := format('unknown error code "%s" in errors[%s] (accepted codes are listed in outbox.error_codes)', err_code, pos);
+                exit;
+            end if;
+            msg := item -> 'message';
+            if jsonb_typeof(msg) is distinct from 'string' or btrim(msg #>> '{}') = '' then
+                bad := 'error_message_valid'; fail := format('errors[%s].message must be a non-empty string', pos);
+                exit;
+            end if;
+            if char_length(msg #>> '{}') > 2000 then
+                bad := 'error_message_valid';
+                fail := format('errors[%s].message is %s characters long; at most 2000 are allowed', pos, char_length(msg #>> '{}'));
+                exit;
+            end if;
+            pos := pos + 1;
+        end loop;
+    end if;
+
+    if fail is not null then
+        raise exception using
+            errcode = 'check_violation', message = fail, constraint = bad,
+            schema = 'outbox', table = 'action_status_updates',
+            hint = 'See README.md, "The SQL surface", for what a valid row holds.';
+    end if;
+    return new;
+end $$;
+
+create trigger action_status_updates_validate
+    before insert or update of action_id, status, errors, target on outbox.action_status_updates
+    for each row execute function outbox.validate_action_status_update();
+
+-- Commit wakes the relay: NOTIFY is delivered when the writer's transaction commits.
+create function outbox.notify_relay() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('outbox_action_status', '');
+    return null;
+end $$;
+
+create trigger action_status_updates_notify
+    after insert on outbox.action_status_updates
+    for each statement execute function outbox.notify_relay();
+
+-- The recommended way to write: an identical repeat returns the existing id; a different
+-- outcome for the same action raises an error naming it.
+create function outbox.enqueue_action_status(
+    action_id text, status text, errors jsonb default '[]', target text default 'default'
+) returns bigint
+language plpgsql as $$
+#variable_conflict use_variable
+declare
+    new_id   bigint;
+    existing record;
+begin
+    errors := coalesce(errors, '[]'::jsonb);
+    target := coalesce(target, 'default');
+    for round in 1..3 loop
+        insert into outbox.action_status_updates as u (action_id, status, errors, target)
+        values (action_id, status, errors, target)
+        on conflict on constraint action_status_updates_target_action_id_key do nothing
+        returning u.id into new_id;
+        if new_id is not null then
+            return new_id;
+        end if;
+        select u.id, u.status, u.errors into existing
+        from outbox.action_status_updates u
+        where u.target = target and u.action_id = action_id;
+        if found then
+            if existing.status = status and existing.errors = errors then
+                return existing.id;
+            end if;
+            raise exception using
+                errcode = 'unique_violation',
+                constraint = 'action_status_updates_target_action_id_key',
+                schema = 'outbox', table = 'action_status_updates',
+                message = format('action "%s" already has a different outcome queued for target "%s" (%s)',
+                                 action_id, target, existing.status),
+                hint = 'An action''s outcome is reported once; an identical repeat is accepted.';
+        end if;
+    end loop;
+    raise exception 'action "%" could not be enqueued: it was removed while being written', action_id;
+end $$;
+
+-- One row per HTTP request made, append-only.
+create table outbox.delivery_attempts (
+    id            bigint generated always as identity primary key,
+    update_id     bigint not null references outbox.action_status_updates (id) on delete cascade,
+    action_id     text not null,
+    target        text not null,
+    attempt       integer not null,
+    started_at    timestamptz not null,
+    duration_ms   double precision not null,
+    http_status   integer,
+    outcome       text not null,
+    error_code    text,
+    error_message text,
+    response_body text,
+    relay_id      text not null,
+    constraint attempt_positive check (attempt >= 1),
+    constraint outcome_known check (
+        outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded')),
+    constraint response_body_max_4kib check (octet_length(response_body) <= 4096)
+);
+comment on column outbox.delivery_attempts.attempt is 'Request number for this update: 1, 2, ...';
+comment on column outbox.delivery_attempts.outcome is
+    'delivered; delivered_earlier (an earlier unknown attempt had landed); retry; dead; '
+    'reauth (401, token renewed); paused (target paused, no attempt charged); '
+    'superseded (answer arrived after the lease was lost, not recorded on the update)';
+create index delivery_attempts_update_id on outbox.delivery_attempts (update_id, attempt);
+
+-- What each running relay does with each target; read by `outbox-relay status`.
+create table outbox.relay_targets (
+    relay_id     text not null,
+    target       text not null,
+    state        text not null,
+    reason       text,
+    since        timestamptz not null default now(),
+    heartbeat_at timestamptz not null default now(),
+    primary key (relay_id, target),
+    constraint relay_target_state check (state in ('serving', 'paused', 'probing'))
+);
+
+create view outbox.delivery_audit as
+select u.id,
+       u.action_id,
+       u.target,
+       u.status,
+       u.errors,
+       u.state,
+       u.attempts,
+       u.created_at,
+       u.delivered_at,
+       u.dead_at,
+       u.delivered_at - u.created_at as time_to_deliver,
+       u.last_http_status,
+       u.last_error,
+       u.next_attempt_at,
+       u.requeued_at,
+       u.requeue_reason
+from outbox.action_status_updates u;
+comment on view outbox.delivery_audit is 'One row per update, for auditors.';
+
+-- Group roles, when the migrating user may create roles; grants whenever the roles exist.
+do $$
+declare
+    name text;
+    may  boolean;
+begin
+    select rolsuper or rolcreaterole into may from pg_roles where rolname = current_user;
+    foreach name in array array['outbox_writer', 'outbox_relay', 'outbox_auditor'] loop
+        if not exists (select 1 from pg_roles where rolname = name) then
+            if may then
+                execute format('create role %I nologin', name);
+            else
+                raise notice 'role % does not exist and % may not create it; ask a DBA', name, current_user;
+            end if;
+        end if;
+    end loop;
+
+    if exists (select 1 from pg_roles where rolname = 'outbox_writer') then
+        grant usage on schema outbox to outbox_writer;
+        grant insert (action_id, status, errors, target) on outbox.action_status_updates to outbox_writer;
+        grant select (id, action_id, status, errors, target, state, attempts, created_at,
+                      next_attempt_at, delivered_at, dead_at, last_error)
+            on outbox.action_status_updates to outbox_writer;
+        grant select on outbox.error_codes to outbox_writer;
+        grant execute on function outbox.enqueue_action_status(text, text, jsonb, text) to outbox_writer;
+    end if;
+    if exists (select 1 from pg_roles where rolname = 'outbox_relay') then
+        grant usage on schema outbox to outbox_relay;
+        grant select, delete on outbox.action_status_updates to outbox_relay;
+        grant update (state, attempts, next_attempt_at, delivered_at, dead_at, last_error,
+                      last_http_status, requests, outcome_unknown, claim_token, claimed_by,
+                      requeued_at, requeue_reason)
+            on outbox.action_status_updates to outbox_relay;
+        grant select, insert, delete on outbox.delivery_attempts to outbox_relay;
+        grant select, insert, update, delete on outbox.relay_targets to outbox_relay;
+        grant select on outbox.error_codes, outbox.schema_migrations, outbox.delivery_audit to outbox_relay;
+    end if;
+    if exists (select 1 from pg_roles where rolname = 'outbox_auditor') then
+        grant usage on schema outbox to outbox_auditor;
+        grant select on outbox.action_status_updates, outbox.delivery_attempts, outbox.error_codes,
+                        outbox.relay_targets, outbox.delivery_audit, outbox.schema_migrations
+            to outbox_auditor;
+    end if;
+end $$;
+
+revoke execute on function outbox.enqueue_action_status(text, text, jsonb, text) from public;

