@@ -115,3 +115,145 @@ delete from outbox.relay_targets where heartbeat_at < now() - interval '1 day'
 
 -- notify_relays --
 select pg_notify('outbox_action_status', '')
+
+-- ==== operators (relay/ops.py) and metrics: status, audit, dead letters, retention ==== --
+
+-- ops_server_version --
+select current_setting('server_version') as version
+
+-- ops_status_targets --
+select target,
+       count(*) filter (where state = 'pending') as pending,
+       count(*) filter (where state = 'in_flight') as in_flight,
+       count(*) filter (where state = 'delivered') as delivered,
+       count(*) filter (where state = 'dead') as dead,
+       extract(epoch from now() - min(coalesce(requeued_at, created_at))
+                                   filter (where state in ('pending', 'in_flight'))
+              )::double precision as oldest_pending_seconds,
+       count(*) filter (where state = 'delivered' and delivered_at > now() - interval '1 hour')
+           as delivered_last_hour,
+       count(*) filter (where state = 'dead' and dead_at > now() - interval '1 hour') as dead_last_hour
+from outbox.action_status_updates
+group by target
+order by target
+
+-- ops_live_relays --
+select relay_id, target, state, reason, since,
+       extract(epoch from now() - heartbeat_at)::double precision as heartbeat_age_seconds
+from outbox.relay_targets
+where heartbeat_at > now() - make_interval(secs => :fresh)
+order by relay_id, target
+
+-- ops_backlog --
+select target,
+       count(*) as pending,
+       extract(epoch from now() - min(coalesce(requeued_at, created_at)))::double precision
+           as oldest_pending_seconds
+from outbox.action_status_updates
+where state in ('pending', 'in_flight')
+group by target
+order by target
+
+-- ops_audit_updates --
+select *
+from outbox.delivery_audit
+where action_id = :action_id
+  and (cast(:target as text) is null or target = cast(:target as text))
+order by target, id
+
+-- ops_audit_attempts --
+select update_id, attempt, started_at, duration_ms, http_status, outcome, error_code, error_message,
+       response_body, relay_id
+from outbox.delivery_attempts
+where update_id = any(cast(:ids as bigint[]))
+order by update_id, started_at, attempt, id
+
+-- ops_dead_list --
+select u.id, u.action_id, u.target, u.status, u.attempts, u.created_at, u.dead_at,
+       u.last_http_status, last.error_code as last_error_code, u.last_error
+from outbox.action_status_updates u
+left join lateral (
+    select d.error_code
+    from outbox.delivery_attempts d
+    where d.update_id = u.id
+    order by d.attempt desc, d.id desc
+    limit 1
+) last on true
+where u.state = 'dead'
+  and (cast(:since as double precision) is null
+       or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
+  and (cast(:target as text) is null or u.target = cast(:target as text))
+  and (cast(:code as text) is null or upper(last.error_code) = upper(cast(:code as text)))
+order by u.dead_at desc, u.id desc
+limit :limit
+
+-- ops_dead_count --
+select count(*) as n
+from outbox.action_status_updates u
+where u.state = 'dead'
+  and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
+  and (cast(:target as text) is null or u.target = cast(:target as text))
+  and (cast(:code as text) is null or upper((
+        select d.error_code from outbox.delivery_attempts d
+        where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+      )) = upper(cast(:code as text)))
+
+-- ops_dead_retry --
+-- One batch: dead rows with an id above the cursor, back to pending with attempts counted afresh.
+-- The state guard is repeated on the UPDATE so a row that changed meanwhile is left alone.
+with picked as (
+    select u.id
+    from outbox.action_status_updates u
+    where u.state = 'dead'
+      and u.id > :after
+      and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
+      and (cast(:target as text) is null or u.target = cast(:target as text))
+      and (cast(:code as text) is null or upper((
+            select d.error_code from outbox.delivery_attempts d
+            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+          )) = upper(cast(:code as text)))
+    order by u.id
+    limit :limit
+    for update
+)
+update outbox.action_status_updates u
+set state = 'pending',
+    next_attempt_at = now(),
+    attempts = 0,
+    dead_at = null,
+    requeued_at = now(),
+    requeue_reason = :reason
+from picked
+where u.id = picked.id and u.state = 'dead'
+returning u.id, u.action_id, u.target
+
+-- ops_purge_count --
+select count(*) as updates,
+       coalesce(sum((select count(*) from outbox.delivery_attempts d where d.update_id = u.id)), 0)
+           as attempts
+from outbox.action_status_updates u
+where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
+   or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
+
+-- ops_purge_batch --
+-- One small batch of finished rows; rows another transaction holds are skipped, never waited for.
+-- Pending and in-flight rows never match. Attempts go with their update.
+with doomed as (
+    select u.id
+    from outbox.action_status_updates u
+    where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
+       or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
+    limit :limit
+    for update skip locked
+), attempts as (
+    delete from outbox.delivery_attempts d
+    using doomed
+    where d.update_id = doomed.id
+    returning d.id
+), updates as (
+    delete from outbox.action_status_updates u
+    using doomed
+    where u.id = doomed.id and u.state in ('delivered', 'dead')
+    returning u.id
+)
+select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts

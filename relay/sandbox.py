@@ -327,7 +327,7 @@ class Sandbox:
             raise ConfigError(f"sandbox: cannot listen on {where}: {exc.strerror or exc}") from exc
         self._log_file = log_file
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="sandbox", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="sandbox", daemon=True
         )
         self._thread.start()
         return self
@@ -771,7 +771,7 @@ class _Handler(BaseHTTPRequestHandler):
             total += size
             if total > MAX_BODY_BYTES:
                 self._refuse_body(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-            return None
+                return None
             chunk = self.rfile.read(size + 2)  # the data and its CRLF
             if len(chunk) < size + 2:
                 self.close_connection = True

@@ -281,6 +281,92 @@ class Store:
         finally:
             await conn.close()
 
+    # -- operators (relay/ops.py) and metrics ---------------------------------------------
+    async def server_version(self) -> str:
+        """The server's version, e.g. ``18.6``."""
+        rows = await self._rows("ops_server_version")
+        return str(rows[0]["version"]).split()[0]
+
+    async def status_targets(self) -> list[dict[str, Any]]:
+        """Per target: rows per state, oldest pending age, deliveries and dead letters in the last hour."""
+        return [dict(r) for r in await self._rows("ops_status_targets")]
+
+    async def live_relays(self, fresh: float = 120.0) -> list[dict[str, Any]]:
+        """``outbox.relay_targets`` rows with a heartbeat in the last ``fresh`` seconds."""
+        return [dict(r) for r in await self._rows("ops_live_relays", {"fresh": fresh})]
+
+    async def backlog(self, targets: Sequence[str] = ()) -> list[TargetBacklog]:
+        """Per target, rows not yet final (pending or in flight) and the age of the oldest, in
+        seconds (since it was written, or re-queued). ``targets`` are listed even when empty."""
+        found: dict[str, TargetBacklog] = {}
+        for r in await self._rows("ops_backlog"):
+            name = str(r["target"])
+            found[name] = TargetBacklog(name, int(r["pending"]), float(r["oldest_pending_seconds"]))
+        for name in targets:
+            found.setdefault(name, TargetBacklog(name, 0, 0.0))
+        return [found[name] for name in sorted(found)]
+
+    async def audit(self, action_id: str, target: str | None = None) -> list[dict[str, Any]]:
+        """Every ``outbox.delivery_audit`` row of the action (``update``) with its ``attempts`` in order."""
+        async with self._tx() as conn:
+            params = {"action_id": action_id, "target": target}
+            updates = [dict(r) for r in (await conn.execute(_q("ops_audit_updates"), params)).mappings()]
+            ids = [u["id"] for u in updates]
+            by_update: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+            if ids:
+                for a in (await conn.execute(_q("ops_audit_attempts"), {"ids": ids})).mappings():
+                    item = dict(a)
+                    by_update[item.pop("update_id")].append(item)
+        return [{"update": u, "attempts": by_update[u["id"]]} for u in updates]
+
+    async def dead_list(
+        self,
+        *,
+        since: float | None = None,
+        target: str | None = None,
+        code: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Dead rows, newest first, with the error code of their last attempt."""
+        params = {"since": since, "target": target, "code": code, "limit": limit}
+        return [dict(r) for r in await self._rows("ops_dead_list", params)]
+
+    async def dead_count(
+        self, *, action_ids: Sequence[str] | None = None, target: str | None = None, code: str | None = None
+    ) -> int:
+        params = {"action_ids": list(action_ids) if action_ids else None, "target": target, "code": code}
+        return int((await self._rows("ops_dead_count", params))[0]["n"])
+
+    async def dead_retry_batch(
+        self,
+        *,
+        after: int,
+        reason: str,
+        limit: int,
+        action_ids: Sequence[str] | None = None,
+        target: str | None = None,
+        code: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Put up to ``limit`` dead rows with ``id > after`` back to pending, in one transaction.
+        Returns the re-queued rows (``id``, ``action_id``, ``target``)."""
+        params = {
+            "after": after, "reason": reason, "limit": limit,
+            "action_ids": list(action_ids) if action_ids else None, "target": target, "code": code,
+        }  # fmt: skip
+        return [dict(r) for r in await self._rows("ops_dead_retry", params)]
+
+    async def purge_count(self, older_than: float, include_dead: bool) -> tuple[int, int]:
+        """(updates, attempts) that a purge would delete now."""
+        rows = await self._rows("ops_purge_count", {"older_than": older_than, "include_dead": include_dead})
+        return int(rows[0]["updates"]), int(rows[0]["attempts"])
+
+    async def purge_batch(self, older_than: float, include_dead: bool, limit: int) -> tuple[int, int]:
+        """Delete up to ``limit`` finished rows older than ``older_than`` seconds, with their attempts,
+        in one transaction, skipping rows others hold. Returns (updates, attempts) deleted."""
+        params = {"older_than": older_than, "include_dead": include_dead, "limit": limit}
+        rows = await self._rows("ops_purge_batch", params)
+        return int(rows[0]["updates"]), int(rows[0]["attempts"])
+
 
 class MigrationSession:
     """Migration primitives on a connection that holds the migrations lock."""
@@ -311,3 +397,13 @@ class MigrationSession:
         except BaseException:
             await self._conn.rollback()
             raise
+
+
+# -- operators and metrics -------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetBacklog:
+    """What :meth:`Store.backlog` reports for one target."""
+
+    target: str
+    pending: int
+    oldest_pending_seconds: float

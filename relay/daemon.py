@@ -1,0 +1,224 @@
+"""``outbox-relay run``: APScheduler wiring, LISTEN wake-ups, signals, sd_notify.
+
+The drain job runs on an interval (``poll_interval``, the fallback) with ``max_instances=1``
+and coalescing; a dedicated LISTEN connection wakes it as soon as a writer commits. Losing
+that connection only costs latency: polling goes on while it reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from relay.engine import Engine, Observer
+from relay.errors import DatabaseError, RelayError, SchemaError
+from relay.logs import configure_logging
+from relay.migrations import latest_version
+from relay.sdnotify import Notifier
+from relay.settings import Settings
+from relay.store import Store
+
+log = logging.getLogger("relay.daemon")
+
+HEARTBEAT_SECONDS = 10.0
+
+
+class _SkipNoise(logging.Filter):
+    """A drain that is already running absorbs the next tick; that is not worth a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+class Relay:
+    """The daemon: one engine, one scheduler, one listener."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = Store(settings.require_database_url(), pool_size=4)
+        self.engine = Engine(settings, self.store, observer=observer)
+        self.notifier = Notifier(environ if environ is not None else {})
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.stop_event = asyncio.Event()
+        self.listening = asyncio.Event()
+        self._drain_due = False
+        self._drain_failures = 0
+        self._drain_task: asyncio.Task[object] | None = None
+        self.last_drain_at: datetime | None = None
+
+    # -- wake-ups --------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Run the drain job now (or let the running one claim again)."""
+        self.engine.poke()
+        if self.engine.running or self._drain_due or self.stop_event.is_set():
+            return
+        job = self.scheduler.get_job("drain")
+        if job is not None:
+            self._drain_due = True
+            job.modify(next_run_time=datetime.now(UTC))
+
+    async def _drain(self) -> None:
+        self._drain_due = False
+        self._drain_task = asyncio.current_task()
+        if self.stop_event.is_set():
+            return
+        try:
+            await self.engine.run_once()
+            self.last_drain_at = datetime.now(UTC)
+            if self._drain_failures:
+                log.info("database reachable again; draining")
+            self._drain_failures = 0
+        except RelayError as exc:
+            self._drain_failures += 1
+            if self._drain_failures in (1, 10) or self._drain_failures % 100 == 0:
+                log.error(
+                    "drain failed; retrying", extra={"error": str(exc), "failures": self._drain_failures}
+                )
+
+    async def _listen(self) -> None:
+        delay = 0.2
+        while not self.stop_event.is_set():
+            try:
+                async for _ in self.store.listen(self.listening):
+                    delay = 0.2
+                    self.wake()
+            except RelayError as exc:
+                self.listening.clear()
+                log.warning("LISTEN connection lost; polling meanwhile", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            self.wake()  # notifications sent while we were away are lost: look now
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self.store.heartbeat(self.settings.relay_id, self.engine.lane_states())
+        except RelayError as exc:
+            log.debug("heartbeat failed", extra={"error": str(exc)})
+        healthy = self.last_drain_at is not None and (
+            (datetime.now(UTC) - self.last_drain_at).total_seconds()
+            < max(3 * self.settings.poll_interval, 30.0)
+        )
+        if healthy or self.engine.running:
+            self.notifier.watchdog()
+        paused = [name for name, state, _ in self.engine.lane_states() if state != "serving"]
+        summary = f"delivered or dead-lettered {self.engine.delivered} rows"
+        self.notifier.status(summary + (f"; paused: {', '.join(paused)}" if paused else ""))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def wait_for_database(self) -> None:
+        """Block until the database answers and the schema is current (systemd READY gate)."""
+        delay = 0.5
+        while not self.stop_event.is_set():
+            try:
+                version = await self.store.schema_version()
+                if version < latest_version():
+                    raise SchemaError(
+                        f"schema is at version {version}, this relay needs {latest_version()}: "
+                        "run `outbox-relay migrate`"
+                    )
+                return
+            except SchemaError:
+                raise
+            except DatabaseError as exc:
+                log.warning("waiting for the database", extra={"error": str(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                delay = min(delay * 2, 10.0)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        logging.getLogger("apscheduler").addFilter(_SkipNoise())
+        logging.getLogger("apscheduler.scheduler").addFilter(_SkipNoise())
+        targets = ", ".join(f"{t.name}={t.base_url}" for t in self.settings.targets.values())
+        log.info("starting", extra={"relay_id": self.settings.relay_id, "targets": targets})
+        listener: asyncio.Task[None] | None = None
+        try:
+            await self.wait_for_database()
+            if self.stop_event.is_set():
+                return
+            self.scheduler.add_job(
+                self._drain, "interval", seconds=self.settings.poll_interval, id="drain",
+                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC), misfire_grace_time=None,
+            )  # fmt: skip
+            self.scheduler.add_job(
+                self._heartbeat, "interval", seconds=self._heartbeat_seconds(), id="heartbeat",
+                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
+            )  # fmt: skip
+            self._add_retention_job()
+            self.scheduler.start()
+            listener = asyncio.create_task(self._listen())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.listening.wait(), 5.0)
+            self.notifier.ready(f"relaying for {len(self.settings.targets)} target(s)")
+            log.info("ready", extra={"relay_id": self.settings.relay_id})
+            await self.stop_event.wait()
+            log.info("shutting down", extra={"timeout": self.settings.shutdown_timeout})
+            self.notifier.stopping()
+        finally:
+            await self._shutdown(listener)
+
+    def _heartbeat_seconds(self) -> float:
+        interval = self.notifier.watchdog_interval()
+        return min(HEARTBEAT_SECONDS, interval) if interval else HEARTBEAT_SECONDS
+
+    def _add_retention_job(self) -> None:
+        if self.settings.retention is None:
+            return
+        from relay import ops
+
+        async def purge() -> None:
+            try:
+                assert self.settings.retention is not None
+                removed = await ops.purge(
+                    self.store, self.settings.retention, self.settings.retention_include_dead, 1000
+                )
+                log.info("retention purge done", extra={"rows": removed})
+            except RelayError as exc:
+                log.error("retention purge failed", extra={"error": str(exc)})
+
+        self.scheduler.add_job(purge, "cron", minute=17, id="purge", max_instances=1, coalesce=True)
+
+    async def _shutdown(self, listener: asyncio.Task[None] | None) -> None:
+        # Pause, not shut down: shutting the scheduler down cancels a running drain mid-write.
+        if self.scheduler.running:
+            self.scheduler.pause()
+        self.engine.stop()
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RelayError):
+                await listener
+        await self.engine.shutdown(self.settings.shutdown_timeout)
+        if self._drain_task is not None and not self._drain_task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, RelayError):
+                await asyncio.wait_for(self._drain_task, 5.0)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        with contextlib.suppress(RelayError):
+            await self.store.forget_relay(self.settings.relay_id)
+        await self.engine.close()
+        await self.store.close()
+        self.notifier.close()
+        log.info("stopped", extra={"delivered_or_dead": self.engine.delivered})
+
+
+def cmd_run(args: object, settings: Settings) -> int:
+    configure_logging(settings.log_level, settings.log_format)
+    relay = Relay(settings, environ=os.environ)
+    asyncio.run(relay.run())
+    return 0

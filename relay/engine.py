@@ -1,0 +1,400 @@
+"""Claim → send → classify → record.
+
+``Engine.run_once()`` drains every configured target until nothing is due, pipelining claims
+with sends: each target holds at most twice its concurrency in claimed rows, sends at most
+``max_concurrency`` at once (rate-limited, behind its circuit breaker), and results are written
+in batches by a :class:`Recorder`, each write guarded by the claim's fencing token. Tests call
+``run_once()`` directly; :mod:`relay.daemon` only decides when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from relay.classify import Answer, Decision, Verdict, classify
+from relay.client import ApiClient, Sent, request_body, truncate_body
+from relay.errors import AuthError, DatabaseError
+from relay.flow import BreakerState, CircuitBreaker, TokenBucket
+from relay.settings import Settings, TargetSettings
+from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
+
+log = logging.getLogger("relay.engine")
+
+# A claimed row is not sent when less than this much of its lease is left (plus the timeout).
+LEASE_MARGIN = 1.0
+
+
+class Observer(Protocol):
+    """What the engine reports as it goes (metrics); every method is optional in effect."""
+
+    def request(self, target: str, outcome: str, seconds: float) -> None: ...
+    def delivered(self, target: str, commit_to_delivery_seconds: float) -> None: ...
+    def dead(self, target: str) -> None: ...
+    def circuit(self, target: str, state: str) -> None: ...
+
+
+class _NoObserver:
+    def request(self, target: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def delivered(self, target: str, commit_to_delivery_seconds: float) -> None:
+        pass
+
+    def dead(self, target: str) -> None:
+        pass
+
+    def circuit(self, target: str, state: str) -> None:
+        pass
+
+
+@dataclass
+class Lane:
+    """One target's runtime: its client, limits and breaker, and the rows it holds."""
+
+    settings: TargetSettings
+    client: ApiClient
+    breaker: CircuitBreaker
+    bucket: TokenBucket | None
+    slots: asyncio.Semaphore
+    held: int = 0
+    exhausted: bool = False
+    last_state: str = "serving"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def state(self) -> tuple[str, str | None]:
+        """For heartbeats: serving, paused (breaker open) or probing (half open)."""
+        s = self.breaker.state
+        if s == BreakerState.OPEN:
+            return "paused", self.breaker.reason
+        if s == BreakerState.HALF_OPEN:
+            return "probing", self.breaker.reason
+        return "serving", None
+
+
+@dataclass
+class Recorder:
+    """Collects row results and attempt rows; writes them in batches."""
+
+    store: Store
+    relay_id: str
+    batch_size: int
+    results: list[RowResult] = field(default_factory=list)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def add(self, result: RowResult | None, attempts: list[AttemptRecord]) -> None:
+        if result is not None:
+            self.results.append(result)
+        self.attempts.extend(attempts)
+
+    @property
+    def pending(self) -> int:
+        return len(self.results)
+
+    async def flush(self) -> int:
+        """Write what was collected; on a database error keep it for the next flush and raise."""
+        async with self._lock:
+            if not self.results and not self.attempts:
+                return 0
+            results, attempts = self.results, self.attempts
+            self.results, self.attempts = [], []
+            try:
+                recorded = await self.store.record(results, attempts, self.relay_id)
+            except DatabaseError:
+                self.results[:0], self.attempts[:0] = results, attempts
+                raise
+            lost = len(results) - recorded
+            if lost:
+                log.warning(
+                    "results discarded: the lease ran out and the rows were claimed again",
+                    extra={"rows": lost},
+                )
+            return recorded
+
+
+class Engine:
+    """Drains the outbox for the configured targets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        clients: Mapping[str, ApiClient] | None = None,
+        observer: Observer | None = None,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.observer: Observer = observer or _NoObserver()
+        self.rand = rand
+        self.clock = clock
+        self.lanes: dict[str, Lane] = {}
+        for name, target in settings.targets.items():
+            client = (clients or {}).get(name) or ApiClient(target)
+            self.lanes[name] = Lane(
+                settings=target,
+                client=client,
+                breaker=CircuitBreaker(settings.breaker),
+                bucket=TokenBucket(target.rate_limit) if target.rate_limit else None,
+                slots=asyncio.Semaphore(target.max_concurrency),
+            )
+        self.recorder = Recorder(store, settings.relay_id, settings.batch_size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.running = False
+        self.delivered = 0
+        self.last_run_ok: datetime | None = None
+
+    # -- control ---------------------------------------------------------------------------
+    def poke(self) -> None:
+        """Something new was committed: claim again even if the last claim came back short."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop claiming; rows already claimed but not yet sent are released."""
+        self._stopping = True
+        self._wake.set()
+
+    async def close(self) -> None:
+        for lane in self.lanes.values():
+            await lane.client.aclose()
+
+    async def shutdown(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for in-flight requests, release the rest, write every result."""
+        self.stop()
+        if self._tasks:
+            _done, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for attempt in range(5):
+            try:
+                await self.recorder.flush()
+                break
+            except DatabaseError as exc:
+                log.error("could not write final results, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    # -- the drain -------------------------------------------------------------------------
+    async def run_once(self) -> int:
+        """Drain until nothing is due (or stop); returns the rows finished in this run."""
+        self.running = True
+        finished_before = self.delivered
+        try:
+            await self.recorder.flush()
+            for lane in self.lanes.values():
+                lane.exhausted = False
+            while not self._stopping:
+                woken = self._wake.is_set()
+                self._wake.clear()
+                if woken:
+                    for lane in self.lanes.values():
+                        lane.exhausted = False
+                claimed_full = await self._claim_round()
+                if not self._tasks:
+                    await self.recorder.flush()
+                    if self._wake.is_set():
+                        continue
+                    break
+                if claimed_full:
+                    continue
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({*self._tasks, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if self.recorder.pending >= self.settings.batch_size:
+                    await self.recorder.flush()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+            await self.recorder.flush()
+            self.last_run_ok = self.clock()
+            return self.delivered - finished_before
+        finally:
+            self.running = False
+
+    async def _claim_round(self) -> bool:
+        """Claim for every lane with room; True when some lane got a full batch (more may wait)."""
+        full = False
+        for lane in self.lanes.values():
+            if lane.exhausted or self._stopping:
+                continue
+            if lane.breaker.state == BreakerState.OPEN and lane.breaker.retry_in() > 0:
+                continue
+            room = 2 * lane.settings.max_concurrency - lane.held
+            want = min(self.settings.batch_size, room)
+            if want < min(self.settings.batch_size, lane.settings.max_concurrency) // 2 or want <= 0:
+                continue
+            if lane.breaker.state != BreakerState.CLOSED:
+                want = 1  # one probe decides whether the target is back
+            rows = await self.store.claim(
+                lane.name, want, self.settings.lease, uuid.uuid4(), self.settings.relay_id
+            )
+            lane.exhausted = len(rows) < want
+            full = full or (len(rows) == want and lane.breaker.state == BreakerState.CLOSED)
+            for row in rows:
+                lane.held += 1
+                task = asyncio.create_task(self._deliver(lane, row))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return full
+
+    async def _deliver(self, lane: Lane, row: ClaimedRow) -> None:
+        try:
+            result, attempts = await self._attempt(lane, row)
+        except asyncio.CancelledError:
+            # Shutdown timeout: the request may have been sent; let another claim find out.
+            self.recorder.add(RowResult(row.id, row.token, "pending", self.clock(), unknown=True), [])
+            raise
+        except Exception:
+            log.exception("unexpected error while delivering", extra={"action_id": row.action_id})
+            result, attempts = self._release(row, delay=self.settings.retry.base_delay), []
+        finally:
+            lane.held -= 1
+        self.recorder.add(result, attempts)
+        self._report_lane(lane)
+        if self.recorder.pending >= self.settings.batch_size:
+            try:
+                await self.recorder.flush()
+            except DatabaseError as exc:
+                log.warning("could not write results yet", extra={"error": str(exc)})
+
+    def _release(self, row: ClaimedRow, delay: float = 0.0) -> RowResult:
+        return RowResult(row.id, row.token, "pending", self.clock() + timedelta(seconds=delay))
+
+    async def _attempt(self, lane: Lane, row: ClaimedRow) -> tuple[RowResult, list[AttemptRecord]]:
+        async with lane.slots:
+            if self._stopping:
+                return self._release(row), []
+            if not lane.breaker.allow():
+                return self._release(row, lane.breaker.retry_in()), []
+            if lane.bucket is not None:
+                await lane.bucket.acquire()
+            left = (row.lease_until - self.clock()).total_seconds()
+            if left < lane.settings.request_timeout + LEASE_MARGIN or self._stopping:
+                lane.breaker.release_probe()
+                return self._release(row), []
+            try:
+                token = await lane.client.tokens.token()
+            except AuthError as exc:
+                self._pause(lane, f"cannot get a token: {exc}")
+                return self._release(row, lane.breaker.retry_in()), []
+            body = request_body(row.status, row.errors)
+            attempts: list[AttemptRecord] = []
+            sent = await lane.client.put(row.action_id, body, token)
+            decision = self._classify(lane, row, sent.answer, can_reauth=lane.client.tokens.can_renew)
+            if decision.verdict == Verdict.REAUTH:
+                attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
+                try:
+                    fresh = await lane.client.tokens.renew(token)
+                except AuthError as exc:
+                    fresh = None
+                    log.error("token renewal failed", extra={"target": lane.name, "error": str(exc)})
+                if fresh and fresh != token:
+                    sent = await lane.client.put(row.action_id, body, fresh)
+                    decision = self._classify(lane, row, sent.answer, can_reauth=False)
+                else:
+                    decision = self._classify(lane, row, sent.answer, can_reauth=False)
+            attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
+            return self._settle(lane, row, decision, len(attempts), sent.answer.status), attempts
+
+    def _classify(self, lane: Lane, row: ClaimedRow, answer: Answer, *, can_reauth: bool) -> Decision:
+        return classify(
+            answer,
+            attempts=row.attempts,
+            earlier_unknown=row.outcome_unknown,
+            created_at=row.created_at,
+            now=self.clock(),
+            policy=self.settings.retry,
+            rand=self.rand,
+            can_reauth=can_reauth,
+        )
+
+    def _attempt_row(
+        self, lane: Lane, row: ClaimedRow, index: int, sent: Sent, decision: Decision
+    ) -> AttemptRecord:
+        self.observer.request(lane.name, decision.outcome, sent.duration_ms / 1000.0)
+        return AttemptRecord(
+            update_id=row.id,
+            action_id=row.action_id,
+            target=lane.name,
+            attempt=row.requests + index + 1,
+            started_at=sent.started_at,
+            duration_ms=sent.duration_ms,
+            http_status=sent.answer.status,
+            outcome=decision.outcome,
+            error_code=decision.error_code,
+            error_message=decision.error_message,
+            response_body=truncate_body(sent.answer.body),
+        )
+
+    def _settle(
+        self, lane: Lane, row: ClaimedRow, decision: Decision, requests: int, status: int | None
+    ) -> RowResult:
+        common = {
+            "charged": 1 if decision.charged else 0,
+            "requests": requests,
+            "unknown": decision.outcome_unknown,
+            "http_status": status,
+            "last_error": None if decision.verdict == Verdict.DELIVERED else decision.reason,
+        }
+        if decision.verdict == Verdict.DELIVERED:
+            lane.breaker.record_success()
+            if lane.bucket is not None:
+                lane.bucket.succeeded()
+            self.delivered += 1
+            self.observer.delivered(lane.name, (self.clock() - row.created_at).total_seconds())
+            return RowResult(row.id, row.token, "delivered", **common)  # type: ignore[arg-type]
+        if decision.verdict == Verdict.PAUSE:
+            self._pause(lane, decision.reason)
+            return RowResult(
+                row.id, row.token, "pending", self.clock() + timedelta(seconds=lane.breaker.retry_in()),
+                requests=requests, http_status=status, last_error=decision.reason,
+            )  # fmt: skip
+        if decision.transient:
+            lane.breaker.record_failure()
+            if status == 429 and lane.bucket is not None:
+                lane.bucket.throttled()
+        else:
+            lane.breaker.record_success()
+        if decision.verdict == Verdict.DEAD:
+            self.delivered += 1
+            self.observer.dead(lane.name)
+            log.warning(
+                "row dead-lettered",
+                extra={"action_id": row.action_id, "target": lane.name, "reason": decision.reason},
+            )
+            return RowResult(row.id, row.token, "dead", **common)  # type: ignore[arg-type]
+        return RowResult(row.id, row.token, "pending", decision.retry_at, **common)  # type: ignore[arg-type]
+
+    def _pause(self, lane: Lane, reason: str) -> None:
+        if lane.breaker.state != BreakerState.OPEN:
+            log.error("target paused", extra={"target": lane.name, "reason": reason})
+        lane.breaker.trip(reason, max(lane.breaker.open_period, self.settings.breaker.open_for))
+
+    def _report_lane(self, lane: Lane) -> None:
+        state, reason = lane.state()
+        if state != lane.last_state:
+            lane.last_state = state
+            self.observer.circuit(lane.name, lane.breaker.state.value)
+            if state == "serving":
+                log.info("target resumed", extra={"target": lane.name})
+            elif state == "paused" and reason and "paused" not in reason:
+                log.warning("target paused", extra={"target": lane.name, "reason": reason})
+
+    def lane_states(self) -> list[tuple[str, str, str | None]]:
+        return [(name, *lane.state()) for name, lane in self.lanes.items()]

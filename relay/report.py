@@ -1,0 +1,117 @@
+"""Formatting for the operator commands: aligned tables, ages, safe one-line text, JSON values.
+
+Everything shown to a terminal goes through :func:`clean`, because action ids, error messages
+and response bodies come from applications and from the API: a control character or a bidi
+override in them must not rewrite the operator's screen.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+ELLIPSIS = "…"
+
+
+def clean(value: object, limit: int | None = None) -> str:
+    """``value`` as one printable line: whitespace runs become one space, other control and
+    format characters are escaped; cut to ``limit`` characters with an ellipsis."""
+    if value is None:
+        return "-"
+    out: list[str] = []
+    for ch in str(value):
+        kind = unicodedata.category(ch)
+        if ch.isspace():
+            if out and out[-1] != " ":
+                out.append(" ")
+        elif kind in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    text = "".join(out).strip()
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 1, 0)] + ELLIPSIS
+    return text or "-"
+
+
+def age(seconds: float | None) -> str:
+    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``3d04h``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{max(seconds, 0) * 1000:.0f}ms"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def when(value: datetime | None) -> str:
+    """A timestamp in UTC with milliseconds, e.g. ``2025-03-01 12:00:07.250Z``."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def value(item: object, limit: int | None = None) -> str:
+    """Any column value for a human view."""
+    if isinstance(item, datetime):
+        return when(item)
+    if isinstance(item, timedelta):
+        return f"{item.total_seconds():.3f}s"
+    if isinstance(item, list | dict):
+        return clean(json.dumps(item, ensure_ascii=False), limit)
+    if isinstance(item, bool):
+        return "yes" if item else "no"
+    if isinstance(item, float):
+        return f"{item:.1f}"
+    return clean(item, limit)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
+    """An aligned table; numeric columns are right-aligned. Cells are shown with :func:`value`."""
+    cells = [[value(c) for c in row] for row in rows]
+    numeric = [
+        bool(rows) and all(isinstance(r[i], int | float | Decimal) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(parts: Sequence[str]) -> str:
+        padded = [p.rjust(w) if num else p.ljust(w) for p, w, num in zip(parts, widths, numeric, strict=True)]
+        return (indent + "  ".join(padded)).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in cells)])
+
+
+def fields(pairs: Mapping[str, object], indent: str = "  ", limit: int | None = None) -> str:
+    """``name  value`` lines, aligned."""
+    width = max((len(k) for k in pairs), default=0)
+    return "\n".join(f"{indent}{k.ljust(width)}  {value(v, limit)}" for k, v in pairs.items())
+
+
+def jsonable(item: Any) -> Any:
+    """Plain JSON values: timestamps in ISO 8601, intervals in seconds."""
+    if isinstance(item, datetime):
+        return item.isoformat()
+    if isinstance(item, timedelta):
+        return item.total_seconds()
+    if isinstance(item, Decimal):
+        return float(item)
+    if isinstance(item, Mapping):
+        return {str(k): jsonable(v) for k, v in item.items()}
+    if isinstance(item, list | tuple):
+        return [jsonable(v) for v in item]
+    return item
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(jsonable(data), indent=2, ensure_ascii=False)

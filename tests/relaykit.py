@@ -1,0 +1,94 @@
+"""Shared helpers for end-to-end tests: settings for a sandbox, seeding rows, counting results."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from relay.settings import Settings, load_settings
+
+CODES = ["ORDER_IN_WRONG_STATE", "DATA_NOT_FOUND", "OTHER", "UNAVAILABLE"]
+
+
+def relay_env(database_url: str, api_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_API_BASE_URL": api_url,
+        "RELAY_API_TOKEN": "sandbox-token",
+        "RELAY_POLL_INTERVAL": "0.5",
+        "RELAY_RETRY_BASE_DELAY": "0.05",
+        "RELAY_RETRY_MAX_DELAY": "0.5",
+        "RELAY_REQUEST_TIMEOUT": "2",
+        "RELAY_LEASE": "8",
+        "RELAY_SHUTDOWN_TIMEOUT": "5",
+        "RELAY_LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env
+
+
+def relay_settings(database_url: str, api_url: str, **extra: str) -> Settings:
+    return load_settings(None, relay_env(database_url, api_url, **extra))
+
+
+def sample_updates(n: int, seed: int = 7, prefix: str = "act") -> list[tuple[str, str, list[dict[str, str]]]]:
+    """n updates, about 70% SUCCESS and 30% FAILED with one to three errors."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        action_id = f"{prefix}-{i:06d}"
+        if rng.random() < 0.7:
+            out.append((action_id, "SUCCESS", []))
+        else:
+            errors = [{"code": rng.choice(CODES), "message": f"reason {i}.{k}"} for k in range(rng.randint(1, 3))]
+            out.append((action_id, "FAILED", errors))
+    return out
+
+
+def seed_rows(database_url: str, updates: Iterable[tuple[str, str, list[dict[str, str]]]], target: str = "default") -> None:
+    with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "select outbox.enqueue_action_status(%s, %s, %s::jsonb, %s)",
+            [(a, s, json.dumps(e), target) for a, s, e in updates],
+        )
+
+
+def states(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        return dict(conn.execute("select state, count(*) from outbox.action_status_updates group by state").fetchall())  # type: ignore[arg-type]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def start_relay_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "run"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def expected_bodies(updates: Iterable[tuple[str, str, list[dict[str, str]]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for action_id, status, errors in updates:
+        body: dict[str, Any] = {"status": status}
+        if errors:
+            body["errors"] = errors
+        out[action_id] = body
+    return out

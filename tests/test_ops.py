@@ -1,0 +1,525 @@
+"""Operator and auditor commands, run as an operator would, against a real PostgreSQL.
+
+The database is filled the way relays would have left it: rows enqueued through
+``outbox.enqueue_action_status``, then moved to delivered / in flight / dead with their
+``delivery_attempts`` rows, plus ``relay_targets`` heartbeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import psycopg
+import pytest
+
+from relay import report
+from relay.migrations import latest_version
+from relay.ops import purge, retry_dead
+from relay.store import Store
+
+LONG_BODY = '{"message": "' + "x" * 300 + ' END-OF-BODY"}'
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, env={**base, **(env or {})},
+        timeout=60,
+    )  # fmt: skip
+
+
+def add(
+    db: psycopg.Connection,
+    action_id: str,
+    target: str = "default",
+    *,
+    state: str = "pending",
+    age: str = "0s",
+    attempts: Sequence[tuple[str, int | None, str | None]] = (),
+    status: str = "SUCCESS",
+    message: str | None = None,
+    body: str | None = None,
+    unknown: bool = False,
+) -> int:
+    """One update as a relay would have left it: ``age`` ago it was delivered / went dead
+    (or, while pending, was written); ``attempts`` are (outcome, http_status, error_code)."""
+    errors = [] if status == "SUCCESS" else [{"code": "OTHER", "message": "refused by the shop"}]
+    row = db.execute(
+        "select outbox.enqueue_action_status(%s, %s, %s::jsonb, %s)", (action_id, status, json.dumps(errors), target)
+    ).fetchone()
+    assert row is not None
+    uid: int = row[0]
+    last = attempts[-1] if attempts else (None, None, None)
+    db.execute(
+        """update outbox.action_status_updates
+           set state = %(state)s,
+               created_at = now() - %(age)s::interval - interval '1 minute',
+               delivered_at = case when %(state)s = 'delivered' then now() - %(age)s::interval end,
+               dead_at = case when %(state)s = 'dead' then now() - %(age)s::interval end,
+               claim_token = case when %(state)s = 'in_flight' then gen_random_uuid() end,
+               claimed_by = case when %(state)s = 'in_flight' then 'relay-a' end,
+               next_attempt_at = case when %(state)s = 'in_flight' then now() + interval '60 seconds'
+                                      else now() end,
+               attempts = %(n)s, requests = %(n)s, outcome_unknown = %(unknown)s,
+               last_http_status = %(http)s, last_error = %(error)s
+           where id = %(id)s""",
+        {"state": state, "age": age, "n": len(attempts), "unknown": unknown, "http": last[1],
+         "error": f"HTTP {last[1]} {last[2]}" if last[1] else None, "id": uid},
+    )  # fmt: skip
+    if state == "pending":
+        db.execute(
+            "update outbox.action_status_updates set created_at = now() - %s::interval where id = %s", (age, uid)
+        )
+    for n, (outcome, http, code) in enumerate(attempts, start=1):
+        final = n == len(attempts)
+        db.execute(
+            """insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
+                   duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id)
+               values (%s, %s, %s, %s, now() - %s::interval - make_interval(secs => %s), 12.5, %s, %s, %s, %s, %s,
+                       'relay-a')""",
+            (uid, action_id, target, n, age, len(attempts) - n + 1, http, outcome, code,
+             (message if final else None) or (f"{code} from the API" if code else None), body if final else None),
+        )  # fmt: skip
+    return uid
+
+
+@pytest.fixture
+def seeded(db: psycopg.Connection) -> dict[tuple[str, str], int]:
+    """Two targets with delivered, pending, in-flight and dead rows, a paused target, a stale relay."""
+    ok = [("delivered", 204, None)]
+    ids: dict[tuple[str, str], int] = {}
+
+    def put(action_id: str, target: str = "default", **kw: Any) -> None:
+        ids[(action_id, target)] = add(db, action_id, target, **kw)
+
+    for name in ("old-1", "old-3", "old-4"):
+        put(name, state="delivered", age="40 days", attempts=ok)
+    put("old-2", state="delivered", age="40 days", attempts=[("retry", 503, "UNAVAILABLE"), *ok])
+    put("fresh-1", state="delivered", age="1 minute", attempts=ok)
+    put("both-1", state="delivered", age="2 minutes", attempts=ok)
+    put("wait-1", state="pending", age="10 minutes", attempts=[("retry", 503, "UNAVAILABLE")])
+    put("fly-1", state="in_flight", age="0s")
+    put("dead-a", state="dead", age="2 hours", status="FAILED", unknown=True, body=LONG_BODY,
+        message="bad \x1b[31mred\x1b[0m input", attempts=[("retry", None, "ReadTimeout"), ("dead", 400, "INVALID_INPUT")])  # fmt: skip
+    put("dead-b", state="dead", age="40 days", attempts=[("dead", 404, "HTTP_404")])
+    put("dead-c", state="dead", age="5 minutes", attempts=[("retry", 503, "UNAVAILABLE")] * 3)
+    put("old-eu", "eu", state="delivered", age="40 days", attempts=ok)
+    put("both-1", "eu", state="pending", age="5 minutes")
+    put("dead-eu", "eu", state="dead", age="10 minutes", attempts=[("dead", 400, "ORDER_IN_WRONG_STATE")])
+    db.execute(
+        """insert into outbox.relay_targets (relay_id, target, state, reason, heartbeat_at) values
+           ('relay-a', 'default', 'paused', 'HTTP 401 from the API: credentials refused', now()),
+           ('relay-old', 'eu', 'serving', null, now() - interval '10 minutes')"""
+    )
+    return ids
+
+
+def snapshot(db: psycopg.Connection) -> dict[int, tuple[Any, ...]]:
+    rows = db.execute(
+        """select id, state, attempts, dead_at, delivered_at, next_attempt_at, requeue_reason
+           from outbox.action_status_updates"""
+    ).fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+# -- status ---------------------------------------------------------------------------------
+def test_status_json_matches_the_database(database_url: str, seeded: dict[tuple[str, str], int]) -> None:
+    result = cli("status", "--json", env={"RELAY_DATABASE_URL": database_url})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema_version"] == data["schema_latest"] == latest_version()
+    targets = {t["target"]: t for t in data["targets"]}
+    assert list(targets) == ["default", "eu"]
+    d, eu = targets["default"], targets["eu"]
+    assert (d["pending"], d["in_flight"], d["delivered"], d["dead"]) == (1, 1, 6, 3)
+    assert (eu["pending"], eu["in_flight"], eu["delivered"], eu["dead"]) == (1, 0, 1, 1)
+    assert (d["delivered_last_hour"], d["dead_last_hour"]) == (2, 1)
+    assert (eu["delivered_last_hour"], eu["dead_last_hour"]) == (0, 1)
+    assert 600 <= d["oldest_pending_seconds"] < 660  # wait-1, written 10 minutes ago
+    assert 300 <= eu["oldest_pending_seconds"] < 360
+    assert d["paused"] is True and d["pause_reason"] == "HTTP 401 from the API: credentials refused"
+    assert d["served_by"] == ["relay-a"]
+    assert eu["paused"] is False and eu["pause_reason"] is None and eu["served_by"] == []  # relay-old is stale
+    assert [r["relay_id"] for r in data["relays"]] == ["relay-a"]
+    assert data["relays"][0]["targets"] == ["default"] and 0 <= data["relays"][0]["heartbeat_age_seconds"] < 60
+
+
+def test_status_human_view(database_url: str, seeded: dict[tuple[str, str], int]) -> None:
+    result = cli("status", env={"RELAY_DATABASE_URL": database_url})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"schema: version {latest_version()} (up to date)" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("TARGET"))
+    default = next(line for line in lines if line.startswith("default "))
+    eu = next(line for line in lines if line.startswith("eu "))
+    assert re.match(r"default\s+1\s+1\s+6\s+3\s+10m\d\ds\s+2\s+1\s+relay-a\s+paused$", default), default
+    assert re.match(r"eu\s+1\s+0\s+1\s+1\s+5m\d\ds\s+0\s+1\s+-\s+UNSERVED$", eu), eu
+    # aligned: right-aligned numbers end under their header
+    end = header.index("DELIVERED 1H") + len("DELIVERED 1H")
+    assert default[end - 1] == "2" and eu[end - 1] == "0"
+    assert "paused: default: HTTP 401 from the API: credentials refused" in out
+    assert "unserved: eu has 1 row(s) waiting but no live relay serves it" in out
+    assert re.search(r"^relay-a\s+default\s+\d+m?s ago$", out, re.MULTILINE)
+    assert "relay-old" not in out
+
+
+def test_status_on_a_database_without_the_schema(empty_database_url: str) -> None:
+    result = cli("status", env={"RELAY_DATABASE_URL": empty_database_url})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["outbox-relay: the outbox schema is missing: run `outbox-relay migrate`"]
+
+
+# -- audit ----------------------------------------------------------------------------------
+def test_audit_shows_the_update_and_every_attempt_in_order(
+    database_url: str, seeded: dict[tuple[str, str], int]
+) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+    result = cli("audit", "dead-a", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["action_id"] == "dead-a" and len(data["updates"]) == 1
+    assert set(data["updates"][0]) == {"update", "attempts"}
+    update, attempts = data["updates"][0]["update"], data["updates"][0]["attempts"]
+    assert update["id"] == seeded[("dead-a", "default")]
+    with psycopg.connect(database_url) as conn:
+        cur = conn.execute("select * from outbox.delivery_audit limit 0")
+        columns = [c.name for c in cur.description or []]
+    assert columns and list(update) == columns  # every column of the view, in its order
+    assert (update["state"], update["status"], update["attempts"], update["last_http_status"]) == ("dead", "FAILED", 2, 400)
+    assert update["errors"] == [{"code": "OTHER", "message": "refused by the shop"}]
+    assert [(a["attempt"], a["outcome"], a["http_status"], a["error_code"]) for a in attempts] == [
+        (1, "retry", None, "ReadTimeout"), (2, "dead", 400, "INVALID_INPUT")]  # fmt: skip
+    assert attempts[0]["started_at"] < attempts[1]["started_at"]
+    assert attempts[1]["response_body"] == LONG_BODY and attempts[1]["relay_id"] == "relay-a"
+    assert attempts[1]["duration_ms"] == 12.5
+
+    human = cli("audit", "dead-a", env=env)
+    assert human.returncode == 0, human.stderr
+    out = human.stdout
+    assert "\x1b" not in out and "bad \\x1b[31mred\\x1b[0m input" in out  # escaped, not obeyed
+    assert "END-OF-BODY" not in out and report.ELLIPSIS in out  # the body is cut short
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s+\d{4}-", line)]
+    assert [(r[0], r[4], r[5]) for r in rows] == [("1", "-", "retry"), ("2", "400", "dead")]
+    for column in ("action_id", "time_to_deliver", "last_error", "requeue_reason"):
+        assert re.search(rf"^\s+{column}\s", out, re.MULTILINE), column
+
+
+def test_audit_shows_every_target_of_an_action(database_url: str, seeded: dict[tuple[str, str], int]) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+    data = json.loads(cli("audit", "both-1", "--json", env=env).stdout)
+    assert [(e["update"]["target"], e["update"]["state"], len(e["attempts"])) for e in data["updates"]] == [
+        ("default", "delivered", 1), ("eu", "pending", 0)]  # fmt: skip
+    assert data["updates"][0]["update"]["time_to_deliver"] == pytest.approx(60.0, abs=1.0)
+    only_eu = json.loads(cli("audit", "both-1", "--target", "eu", "--json", env=env).stdout)
+    assert [e["update"]["target"] for e in only_eu["updates"]] == ["eu"]
+    human = cli("audit", "both-1", env=env).stdout
+    assert "for target default" in human and "for target eu" in human and "no attempts yet" in human
+
+
+def test_audit_of_an_unknown_action_is_exit_1_and_one_line(
+    database_url: str, seeded: dict[tuple[str, str], int]
+) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+    result = cli("audit", "no-such-action", env=env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["outbox-relay: no update for action id 'no-such-action'"]
+    assert result.stdout == ""
+    wrong_target = cli("audit", "dead-a", "--target", "eu", env=env)
+    assert wrong_target.returncode == 1 and "for target eu" in wrong_target.stderr
+
+
+# -- dead letters ---------------------------------------------------------------------------
+def test_dead_list_filters(database_url: str, seeded: dict[tuple[str, str], int]) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+
+    def listed(*args: str) -> list[tuple[str, str]]:
+        result = cli("dead", "list", "--json", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return [(r["action_id"], r["target"]) for r in json.loads(result.stdout)["dead"]]
+
+    assert listed() == [("dead-c", "default"), ("dead-eu", "eu"), ("dead-a", "default"), ("dead-b", "default")]
+    assert listed("--code", "invalid_input") == [("dead-a", "default")]
+    assert listed("--code", "HTTP_404") == [("dead-b", "default")]
+    assert listed("--since", "1h") == [("dead-c", "default"), ("dead-eu", "eu")]
+    assert listed("--target", "eu") == [("dead-eu", "eu")]
+    assert listed("--limit", "2") == [("dead-c", "default"), ("dead-eu", "eu")]
+    full = json.loads(cli("dead", "list", "--json", "--code", "INVALID_INPUT", env=env).stdout)["dead"][0]
+    assert full["last_error"] == "HTTP 400 INVALID_INPUT" and full["last_http_status"] == 400
+    assert full["last_error_code"] == "INVALID_INPUT"
+
+    human = cli("dead", "list", "--target", "default", env=env)
+    assert human.returncode == 0
+    lines = human.stdout.splitlines()
+    assert lines[0].split() == ["DEAD", "AT", "TARGET", "ACTION", "ID", "STATUS", "ATTEMPTS", "HTTP", "CODE", "LAST",
+                                "ERROR"]  # fmt: skip
+    assert [line.split()[3] for line in lines[1:4]] == ["dead-c", "dead-a", "dead-b"]
+    assert "3 dead update(s)" in human.stdout
+    nothing = cli("dead", "list", "--code", "NO_SUCH_CODE", env=env)
+    assert nothing.returncode == 0 and nothing.stdout.strip() == "no dead updates match"
+    bad = cli("dead", "list", "--since", "yesterday", env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_dead_retry_requeues_only_the_named_dead_rows(
+    database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
+) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+    dry = cli("dead", "retry", "--all", "--dry-run", env=env)
+    assert dry.returncode == 0 and "would re-queue 4 dead update(s)" in dry.stdout
+    dry_code = cli("dead", "retry", "--all", "--code", "unavailable", "--dry-run", env=env)
+    assert "would re-queue 1 dead update(s)" in dry_code.stdout
+    before = snapshot(db)
+    assert sum(1 for s in before.values() if s[0] == "dead") == 4  # dry runs changed nothing
+
+    listener = psycopg.connect(database_url, autocommit=True)
+    listener.execute("LISTEN outbox_action_status")
+    result = cli("dead", "retry", "dead-a", "dead-eu", "--reason", "shop fixed the order", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "re-queued 2 dead update(s)" in result.stdout
+    assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1  # the relays were woken
+    listener.close()
+
+    after = snapshot(db)
+    moved = {seeded[("dead-a", "default")], seeded[("dead-eu", "eu")]}
+    for uid in moved:
+        row = db.execute(
+            """select state, attempts, dead_at, requeued_at is not null, requeue_reason, next_attempt_at <= now(),
+                      requests, outcome_unknown
+               from outbox.action_status_updates where id = %s""", (uid,),
+        ).fetchone()  # fmt: skip
+        assert row is not None
+        state, attempts, dead_at, requeued, reason, due, requests, _ = row
+        assert (state, attempts, dead_at, requeued, due) == ("pending", 0, None, True, True)
+        assert requests >= 1  # requests made are history, not reset
+        assert re.fullmatch(r"shop fixed the order \(by .+ at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", reason), reason
+    unknown = db.execute("select outcome_unknown from outbox.action_status_updates where id = %s",
+                         (seeded[("dead-a", "default")],)).fetchone()  # fmt: skip
+    assert unknown == (True,)  # kept: the next answer is still read knowing an earlier one may have landed
+    assert {k: v for k, v in after.items() if k not in moved} == {k: v for k, v in before.items() if k not in moved}
+
+    again = cli("dead", "retry", "dead-a", "no-such", env=env)  # no longer dead / unknown: nothing to do
+    assert again.returncode == 1
+    assert "re-queued 0 dead update(s)" in again.stdout
+    assert again.stderr.strip().splitlines() == ["outbox-relay: no dead update matches action id(s) 'dead-a', 'no-such'"]
+    assert snapshot(db) == after
+
+    both = cli("dead", "retry", "dead-b", "--all", env=env)
+    neither = cli("dead", "retry", env=env)
+    assert both.returncode == 2 and neither.returncode == 2 and "--all" in neither.stderr
+    assert snapshot(db) == after
+
+
+async def test_retry_dead_works_in_batches(database_url: str, db: psycopg.Connection, store: Store) -> None:
+    for i in range(5):
+        add(db, f"d-{i}", state="dead", age="1 hour", attempts=[("dead", 400, "INVALID_INPUT")])
+    add(db, "d-other", "eu", state="dead", age="1 hour", attempts=[("dead", 400, "INVALID_INPUT")])
+    done = await retry_dead(store, action_ids=None, target="default", code=None, reason="r", batch_size=2)
+    assert sorted(r["action_id"] for r in done) == [f"d-{i}" for i in range(5)]
+    states = dict(db.execute("select action_id, state from outbox.action_status_updates").fetchall())
+    assert states == {**{f"d-{i}": "pending" for i in range(5)}, "d-other": "dead"}
+
+
+# -- retention ------------------------------------------------------------------------------
+def test_purge_deletes_old_finished_rows_and_their_attempts_in_batches(
+    database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
+) -> None:
+    env = {"RELAY_DATABASE_URL": database_url}
+    old = [seeded[(a, t)] for a, t in [("old-1", "default"), ("old-2", "default"), ("old-3", "default"),
+                                       ("old-4", "default"), ("old-eu", "eu")]]  # fmt: skip
+
+    def attempts_of(ids: list[int]) -> int:
+        row = db.execute("select count(*) from outbox.delivery_attempts where update_id = any(%s)", (ids,)).fetchone()
+        return int(row[0]) if row else -1
+
+    assert attempts_of(old) == 6
+    dry = cli("purge", "--older-than", "30d", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would purge 5 delivered update(s) older than 30d00h with 6 attempt(s)" in dry.stdout
+    before = snapshot(db)
+    kept_attempts = attempts_of([k for k in before if k not in old])
+
+    result = cli("purge", "--older-than", "30d", "--batch-size", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    progress = result.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in progress] == ["batch 1", "batch 2", "batch 3"]
+    assert "purged 5 delivered update(s) older than 30d00h and 6 attempt(s) in 3 batch(es)" in result.stdout
+    after = snapshot(db)
+    assert set(after) == set(before) - set(old)
+    assert after == {k: v for k, v in before.items() if k not in old}
+    assert attempts_of(old) == 0
+    assert attempts_of(list(after)) == kept_attempts
+    assert {v[0] for v in after.values()} == {"delivered", "pending", "in_flight", "dead"}
+
+    one_batch = cli("purge", "--older-than", "30d", "--include-dead", env=env)
+    assert one_batch.returncode == 0 and one_batch.stderr == ""  # one batch: no progress lines
+    assert "purged 1 delivered and dead update(s)" in one_batch.stdout
+    dead_b, dead_a = seeded[("dead-b", "default")], seeded[("dead-a", "default")]
+    remaining = snapshot(db)
+    assert dead_b not in remaining and dead_a in remaining
+    assert attempts_of([dead_b]) == 0 and attempts_of([dead_a]) == 2
+
+
+def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
+    database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
+) -> None:
+    fly, old_1 = seeded[("fly-1", "default")], seeded[("old-1", "default")]
+    with psycopg.connect(database_url) as holder:  # a relay mid-claim, and someone holding an old row
+        holder.execute("update outbox.action_status_updates set next_attempt_at = now() + interval '1 minute' "
+                       "where id = %s", (fly,))  # fmt: skip
+        holder.execute("select id from outbox.action_status_updates where id = %s for update", (old_1,))
+        result = cli(
+            "purge", "--older-than", "0s", "--include-dead", "--batch-size", "2",
+            env={"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c lock_timeout=5000"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        left = snapshot(db)
+        holder.rollback()
+    assert left[fly][0] == "in_flight"
+    assert old_1 in left  # held: skipped, not waited for
+    assert {v[0] for v in left.values()} == {"pending", "in_flight", "delivered"}
+    assert [k for k, v in left.items() if v[0] == "delivered"] == [old_1]
+
+
+async def test_purge_function_for_the_daemon(db: psycopg.Connection, store: Store) -> None:
+    for i in range(5):
+        add(db, f"p-{i}", state="delivered", age="2 days", attempts=[("delivered", 204, None)])
+    add(db, "recent", state="delivered", age="1 hour", attempts=[("delivered", 204, None)])
+    add(db, "waiting", state="pending", age="3 days")
+    seen: list[tuple[int, int, int]] = []
+    removed = await purge(store, 86400.0, False, 2, progress=lambda *a: seen.append(a))
+    assert removed == 5
+    assert seen == [(1, 2, 2), (2, 2, 2), (3, 1, 1)]
+    left = sorted(r[0] for r in db.execute("select action_id from outbox.action_status_updates").fetchall())
+    assert left == ["recent", "waiting"]
+    assert await purge(store, 86400.0, False, 1000) == 0
+
+
+# -- check ----------------------------------------------------------------------------------
+class _TokenEndpoint(BaseHTTPRequestHandler):
+    posts: list[dict[str, list[str]]] = []
+
+    def do_POST(self) -> None:
+        form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        type(self).posts.append(form)
+        good = form.get("client_secret") == ["right-secret"]
+        body = json.dumps({"access_token": "issued-token-123", "expires_in": 60} if good
+                          else {"error": "invalid_client"}).encode()  # fmt: skip
+        self.send_response(200 if good else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def token_url() -> Iterator[str]:
+    _TokenEndpoint.posts = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/oauth/token"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_all_good_with_a_static_token(database_url: str) -> None:
+    env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "static-secret-token"}
+    result = cli("check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "ok  configuration loaded: target(s) default (token, https://miraklconnect.com/api/channel-platform)",
+        *[line for line in result.stdout.splitlines() if line.startswith("ok  database reachable (PostgreSQL ")],
+        f"ok  schema up to date (version {latest_version()})",
+        "ok  target default: static token present",
+    ]
+    assert re.search(r"^ok  database reachable \(PostgreSQL \d+\.\d+\)$", result.stdout, re.MULTILINE)
+    as_json = cli("check", "--json", env=env)
+    data = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and data["ok"] is True
+    assert [c["name"] for c in data["checks"]] == ["configuration", "database", "schema", "target default"]
+    assert "static-secret-token" not in result.stdout + as_json.stdout
+
+
+def test_check_fetches_an_oauth_token(database_url: str, token_url: str, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("right-secret\n")
+    env = {"RELAY_DATABASE_URL": database_url, "RELAY_OAUTH_CLIENT_ID": "client-1",
+           "RELAY_OAUTH_CLIENT_SECRET_FILE": str(secret), "RELAY_OAUTH_TOKEN_URL": token_url}  # fmt: skip
+    result = cli("check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"ok  target default: OAuth token obtained from {token_url}" in result.stdout
+    assert "(oauth, " in result.stdout
+    assert len(_TokenEndpoint.posts) == 1 and _TokenEndpoint.posts[0]["client_id"] == ["client-1"]
+    assert "issued-token-123" not in result.stdout and "right-secret" not in result.stdout
+
+    secret.write_text("wrong-secret\n")
+    refused = cli("check", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [f"FAIL target default: token endpoint {token_url}: HTTP 401 (invalid_client)"]
+    assert "wrong-secret" not in refused.stdout + refused.stderr
+    assert "ok  schema up to date" in refused.stdout  # the other checks still ran
+
+
+def test_check_schema_behind_is_exit_1(empty_database_url: str) -> None:
+    result = cli("check", env={"RELAY_DATABASE_URL": empty_database_url, "RELAY_API_TOKEN": "t0ken"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"FAIL schema behind: version 0, latest {latest_version()}; run `outbox-relay migrate`"
+    ]
+    assert "ok  database reachable" in result.stdout and "ok  target default" in result.stdout
+
+
+def test_check_configuration_problems_are_exit_2(database_url: str) -> None:
+    no_credentials = cli("check", env={"RELAY_DATABASE_URL": database_url})
+    assert no_credentials.returncode == 2
+    assert no_credentials.stderr.splitlines() == [
+        "FAIL target default: no credentials (set a token or OAuth client)"
+    ]
+    no_database = cli("check", env={"RELAY_API_TOKEN": "t0ken"})
+    assert no_database.returncode == 2 and "RELAY_DATABASE_URL" in no_database.stderr
+    bad = cli("check", env={"RELAY_DATABASE_URL": database_url, "RELAY_API_BASE_URL": "http://api.example.com"})
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "plain http:// is refused" in bad.stderr
+
+
+def test_check_unreachable_database_is_exit_1_without_the_password() -> None:
+    env = {"RELAY_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:1/x", "RELAY_API_TOKEN": "t0ken"}
+    result = cli("check", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("FAIL database unreachable: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+# -- help and formatting --------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["status"], ["audit"], ["dead"], ["dead", "list"], ["dead", "retry"],
+                                     ["purge"], ["check"]])  # fmt: skip
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert result.returncode == 0
+    assert "example" in result.stdout and "outbox-relay " + " ".join(command) in result.stdout
+
+
+def test_clean_keeps_terminals_safe() -> None:
+    assert report.clean("a\nb\t\tc") == "a b c"
+    assert report.clean("x\x1b[2Jy\u202ez") == "x\\x1b[2Jy\\u202ez"
+    assert report.clean("abcdef", 4) == "abc" + report.ELLIPSIS
+    assert report.clean(None) == "-"
+    assert report.age(0.25) == "250ms" and report.age(3725) == "1h02m" and report.age(None) == "-"
