@@ -240,6 +240,8 @@ class Engine:
             if want < min(self.settings.batch_size, lane.settings.max_concurrency) // 2 or want <= 0:
                 continue
             if lane.breaker.state != BreakerState.CLOSED:
+                if lane.held:
+                    continue  # the probe is out: wait for its answer
                 want = 1  # one probe decides whether the target is back
             rows = await self.store.claim(
                 lane.name, want, self.settings.lease, uuid.uuid4(), self.settings.relay_id

@@ -49,12 +49,16 @@ def sample_updates(n: int, seed: int = 7, prefix: str = "act") -> list[tuple[str
         if rng.random() < 0.7:
             out.append((action_id, "SUCCESS", []))
         else:
-            errors = [{"code": rng.choice(CODES), "message": f"reason {i}.{k}"} for k in range(rng.randint(1, 3))]
+            errors = [
+                {"code": rng.choice(CODES), "message": f"reason {i}.{k}"} for k in range(rng.randint(1, 3))
+            ]
             out.append((action_id, "FAILED", errors))
     return out
 
 
-def seed_rows(database_url: str, updates: Iterable[tuple[str, str, list[dict[str, str]]]], target: str = "default") -> None:
+def seed_rows(
+    database_url: str, updates: Iterable[tuple[str, str, list[dict[str, str]]]], target: str = "default"
+) -> None:
     with psycopg.connect(database_url) as conn, conn.cursor() as cur:
         cur.executemany(
             "select outbox.enqueue_action_status(%s, %s, %s::jsonb, %s)",
@@ -64,7 +68,9 @@ def seed_rows(database_url: str, updates: Iterable[tuple[str, str, list[dict[str
 
 def states(database_url: str) -> dict[str, int]:
     with psycopg.connect(database_url) as conn:
-        return dict(conn.execute("select state, count(*) from outbox.action_status_updates group by state").fetchall())  # type: ignore[arg-type]
+        return dict(
+            conn.execute("select state, count(*) from outbox.action_status_updates group by state").fetchall()
+        )  # type: ignore[arg-type]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
