@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -44,13 +42,12 @@ class Relay:
         self,
         settings: Settings,
         *,
-        environ: Mapping[str, str] | None = None,
         observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.store = Store(settings.require_database_url(), pool_size=4)
         self.engine = Engine(settings, self.store, observer=observer)
-        self.notifier = Notifier(environ if environ is not None else {})
+        self.notifier = Notifier(settings.systemd)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.stop_event = asyncio.Event()
         self.listening = asyncio.Event()
@@ -219,6 +216,6 @@ class Relay:
 
 def cmd_run(args: object, settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
-    relay = Relay(settings, environ=os.environ)
+    relay = Relay(settings)
     asyncio.run(relay.run())
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ log = logging.getLogger("relay.engine")
 
 # A claimed row is not sent when less than this much of its lease is left (plus the timeout).
 LEASE_MARGIN = 1.0
+# An answer waits at most about this long for its batch: it must be written while the lease lasts.
+FLUSH_AFTER = LEASE_MARGIN / 4
 
 
 class Observer(Protocol):
@@ -91,11 +94,17 @@ class Recorder:
     results: list[RowResult] = field(default_factory=list)
     attempts: list[AttemptRecord] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _since: float = 0.0  # time.monotonic() of the oldest result not yet written
 
     def add(self, result: RowResult | None, attempts: list[AttemptRecord]) -> None:
         if result is not None:
+            if not self.results:
+                self._since = time.monotonic()
             self.results.append(result)
         self.attempts.extend(attempts)
+
+    def age(self) -> float:
+        return time.monotonic() - self._since if self.results else 0.0
 
     @property
     def pending(self) -> int:
@@ -152,6 +161,7 @@ class Engine:
             )
         self.recorder = Recorder(store, settings.relay_id, settings.batch_size)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: set[tuple[int, uuid.UUID]] = set()  # claims whose request may have left
         self._wake = asyncio.Event()
         self._stopping = False
         self.running = False
@@ -213,11 +223,14 @@ class Engine:
                 if claimed_full:
                     continue
                 waiter = asyncio.ensure_future(self._wake.wait())
+                flush_in = max(FLUSH_AFTER - self.recorder.age(), 0.0) if self.recorder.pending else None
                 try:
-                    await asyncio.wait({*self._tasks, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {*self._tasks, waiter}, timeout=flush_in, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     waiter.cancel()
-                if self.recorder.pending >= self.settings.batch_size:
+                if self.recorder.pending >= self.settings.batch_size or self.recorder.age() >= FLUSH_AFTER:
                     await self.recorder.flush()
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
@@ -259,14 +272,16 @@ class Engine:
         try:
             result, attempts = await self._attempt(lane, row)
         except asyncio.CancelledError:
-            # Shutdown timeout: the request may have been sent; let another claim find out.
-            self.recorder.add(RowResult(row.id, row.token, "pending", self.clock(), unknown=True), [])
+            # Shutdown timeout: if the request may have been sent, let another claim find out.
+            unknown = (row.id, row.token) in self._sending
+            self.recorder.add(RowResult(row.id, row.token, "pending", self.clock(), unknown=unknown), [])
             raise
         except Exception:
             log.exception("unexpected error while delivering", extra={"action_id": row.action_id})
             result, attempts = self._release(row, delay=self.settings.retry.base_delay), []
         finally:
             lane.held -= 1
+            self._sending.discard((row.id, row.token))
         self.recorder.add(result, attempts)
         self._report_lane(lane)
         if self.recorder.pending >= self.settings.batch_size:
@@ -297,6 +312,7 @@ class Engine:
                 return self._release(row, lane.breaker.retry_in()), []
             body = request_body(row.status, row.errors)
             attempts: list[AttemptRecord] = []
+            self._sending.add((row.id, row.token))
             sent = await lane.client.put(row.action_id, body, token)
             decision = self._classify(lane, row, sent.answer, can_reauth=lane.client.tokens.can_renew)
             if decision.verdict == Verdict.REAUTH:

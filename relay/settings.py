@@ -181,6 +181,8 @@ class Settings:
     retention: float | None = None
     retention_include_dead: bool = False
     relay_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # What systemd told us: NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID (empty outside systemd).
+    systemd: Mapping[str, str] = field(default_factory=dict)
 
     def require_database_url(self) -> Secret:
         if self.database_url is None:
@@ -363,9 +365,12 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     for var, key in _ENV_DEFAULT_TARGET.items():
         if env.get(var, "") != "":
             default_table[key] = env[var]
-    if env.get("RELAY_API_TOKEN_FILE") or env.get("RELAY_API_TOKEN"):
+    # A variable overrides the file's other kind of auth; both kinds in variables is an error.
+    env_token = env.get("RELAY_API_TOKEN_FILE") or env.get("RELAY_API_TOKEN")
+    env_oauth = env.get("RELAY_OAUTH_CLIENT_ID")
+    if env_token and not env_oauth:
         default_table.pop("oauth_client_id", None)
-    if env.get("RELAY_OAUTH_CLIENT_ID"):
+    if env_oauth and not env_token:
         default_table.pop("token", None)
         default_table.pop("token_file", None)
     target_defaults = {k: top[k] for k in _TARGET_DEFAULT_KEYS if k in top}
@@ -441,5 +446,6 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         log_level=log_level,
         retention=None if retention in (None, "") else parse_duration(retention, "retention"),
         retention_include_dead=bool(top.get("retention_include_dead", False)),
+        systemd={k: env[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID") if k in env},
         **extra,
     )
