@@ -95,6 +95,8 @@ class Recorder:
     attempts: list[AttemptRecord] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _since: float = 0.0  # time.monotonic() of the oldest result not yet written
+    failures: int = 0  # consecutive failed writes
+    _failed_at: float = 0.0
 
     def add(self, result: RowResult | None, attempts: list[AttemptRecord]) -> None:
         if result is not None:
@@ -110,6 +112,10 @@ class Recorder:
     def pending(self) -> int:
         return len(self.results)
 
+    def backing_off(self) -> bool:
+        """After a failed write, opportunistic flushes wait a second (the drain loop still tries)."""
+        return self.failures > 0 and time.monotonic() - self._failed_at < 1.0
+
     async def flush(self) -> int:
         """Write what was collected; on a database error keep it for the next flush and raise."""
         async with self._lock:
@@ -121,7 +127,13 @@ class Recorder:
                 recorded = await self.store.record(results, attempts, self.relay_id)
             except DatabaseError:
                 self.results[:0], self.attempts[:0] = results, attempts
+                self._since = min(self._since, time.monotonic()) if self._since else time.monotonic()
+                self.failures += 1
+                self._failed_at = time.monotonic()
                 raise
+            if self.failures:
+                log.info("results written again after %d failed attempts", self.failures)
+            self.failures = 0
             lost = len(results) - recorded
             if lost:
                 log.warning(
@@ -284,11 +296,14 @@ class Engine:
             self._sending.discard((row.id, row.token))
         self.recorder.add(result, attempts)
         self._report_lane(lane)
-        if self.recorder.pending >= self.settings.batch_size:
+        if self.recorder.pending >= self.settings.batch_size and not self.recorder.backing_off():
             try:
                 await self.recorder.flush()
             except DatabaseError as exc:
-                log.warning("could not write results yet", extra={"error": str(exc)})
+                if self.recorder.failures == 1:
+                    log.warning(
+                        "could not write results yet; keeping them and retrying", extra={"error": str(exc)}
+                    )
 
     def _release(self, row: ClaimedRow, delay: float = 0.0) -> RowResult:
         return RowResult(row.id, row.token, "pending", self.clock() + timedelta(seconds=delay))
@@ -348,6 +363,7 @@ class Engine:
         self.observer.request(lane.name, decision.outcome, sent.duration_ms / 1000.0)
         return AttemptRecord(
             update_id=row.id,
+            claim_token=row.token,
             action_id=row.action_id,
             target=lane.name,
             attempt=row.requests + index + 1,

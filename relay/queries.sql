@@ -78,19 +78,21 @@ with r as (
         claimed_by = null
     from r
     where u.id = r.id and u.claim_token = r.token
-    returning u.id
+    returning u.id, r.token
 ), attempts as (
     insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
         duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id)
     select a.update_id, a.action_id, a.target, a.attempt, a.started_at, a.duration_ms, a.http_status,
-           case when a.update_id in (select id from done) then a.outcome else 'superseded' end,
+           case when (a.update_id, a.token) in (select id, token from done) then a.outcome
+                else 'superseded' end,
            a.error_code, a.error_message, a.response_body, :relay_id
-    from unnest(cast(:a_update_id as bigint[]), cast(:a_action_id as text[]), cast(:a_target as text[]),
+    from unnest(cast(:a_update_id as bigint[]), cast(:a_token as uuid[]),
+                cast(:a_action_id as text[]), cast(:a_target as text[]),
                 cast(:a_attempt as integer[]), cast(:a_started_at as timestamptz[]),
                 cast(:a_duration_ms as double precision[]), cast(:a_http_status as integer[]),
                 cast(:a_outcome as text[]), cast(:a_error_code as text[]), cast(:a_error_message as text[]),
                 cast(:a_response_body as text[]))
-         as a(update_id, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
+         as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
               error_code, error_message, response_body)
     returning 1
 )
@@ -235,14 +237,17 @@ from outbox.action_status_updates u
 where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
    or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
 
--- ops_purge_batch --
--- One small batch of finished rows; rows another transaction holds are skipped, never waited for.
--- Pending and in-flight rows never match. Attempts go with their update.
+-- ops_purge_delivered --
+-- One small batch of old delivered rows with their attempts, oldest first from `start` (the
+-- previous batch's `reached`) along the partial index on delivered_at, so a long purge does
+-- not rescan what it already deleted. Rows another transaction holds are skipped, never
+-- waited for. Pending and in-flight rows never match.
 with doomed as (
-    select u.id
+    select u.id, u.delivered_at as finished_at
     from outbox.action_status_updates u
-    where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
-       or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
+    where u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than)
+      and u.delivered_at >= coalesce(cast(:start as timestamptz), '-infinity')
+    order by u.delivered_at
     limit :limit
     for update skip locked
 ), attempts as (
@@ -253,10 +258,35 @@ with doomed as (
 ), updates as (
     delete from outbox.action_status_updates u
     using doomed
-    where u.id = doomed.id and u.state in ('delivered', 'dead')
+    where u.id = doomed.id
     returning u.id
 )
-select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts
+select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts,
+       (select max(finished_at) from doomed) as reached
+
+-- ops_purge_dead --
+-- The same for old dead rows (purge --include-dead).
+with doomed as (
+    select u.id, u.dead_at as finished_at
+    from outbox.action_status_updates u
+    where u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than)
+      and u.dead_at >= coalesce(cast(:start as timestamptz), '-infinity')
+    order by u.dead_at
+    limit :limit
+    for update skip locked
+), attempts as (
+    delete from outbox.delivery_attempts d
+    using doomed
+    where d.update_id = doomed.id
+    returning d.id
+), updates as (
+    delete from outbox.action_status_updates u
+    using doomed
+    where u.id = doomed.id
+    returning u.id
+)
+select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts,
+       (select max(finished_at) from doomed) as reached
 
 -- ==== the demo (relay/demo.py): progress and summary figures, read only ==== --
 

@@ -81,6 +81,7 @@ class AttemptRecord:
     """One HTTP request made for an update, as written to ``outbox.delivery_attempts``."""
 
     update_id: int
+    claim_token: UUID
     action_id: str
     target: str
     attempt: int
@@ -183,8 +184,14 @@ class Store:
                     async with driver.cursor(row_factory=dict_row) as cur:
                         await cur.execute(driver_sql(name), dict(params or {}))
                         return await cur.fetchall() if cur.description else []
-                except (psycopg.OperationalError, psycopg.InterfaceError):
-                    await conn.invalidate()  # the server is gone: never hand this one out again
+                except (
+                    psycopg.OperationalError,
+                    psycopg.InterfaceError,
+                    psycopg.errors.ReadOnlySqlTransaction,
+                ):
+                    # The server is gone, or the session is read-only for life (opened while the
+                    # database was read-only, or on a standby): never hand this one out again.
+                    await conn.invalidate()
                     raise
         except (SQLAlchemyError, psycopg.Error, OSError) as exc:
             raise _translate(exc) from exc
@@ -261,6 +268,7 @@ class Store:
             "http_status": [r.http_status for r in results],
             "last_error": [r.last_error for r in results],
             "a_update_id": [a.update_id for a in attempts],
+            "a_token": [a.claim_token for a in attempts],
             "a_action_id": [a.action_id for a in attempts],
             "a_target": [a.target for a in attempts],
             "a_attempt": [a.attempt for a in attempts],
@@ -388,12 +396,18 @@ class Store:
         rows = await self._rows("ops_purge_count", {"older_than": older_than, "include_dead": include_dead})
         return int(rows[0]["updates"]), int(rows[0]["attempts"])
 
-    async def purge_batch(self, older_than: float, include_dead: bool, limit: int) -> tuple[int, int]:
-        """Delete up to ``limit`` finished rows older than ``older_than`` seconds, with their attempts,
-        in one transaction, skipping rows others hold. Returns (updates, attempts) deleted."""
-        params = {"older_than": older_than, "include_dead": include_dead, "limit": limit}
-        rows = await self._rows("ops_purge_batch", params)
-        return int(rows[0]["updates"]), int(rows[0]["attempts"])
+    async def purge_batch(
+        self, state: str, older_than: float, limit: int, start: datetime | None = None
+    ) -> tuple[int, int, datetime | None]:
+        """Delete up to ``limit`` rows in ``state`` (``delivered`` or ``dead``) that finished more than
+        ``older_than`` seconds ago, oldest first from ``start``, with their attempts, in one
+        transaction, skipping rows others hold. Returns (updates, attempts) deleted and the
+        finish time reached: the next batch's ``start``."""
+        if state not in ("delivered", "dead"):
+            raise ValueError(f"only delivered or dead rows are purged, not {state!r}")
+        params = {"older_than": older_than, "limit": limit, "start": start}
+        row = (await self._rows(f"ops_purge_{state}", params))[0]
+        return int(row["updates"]), int(row["attempts"]), row["reached"] or start
 
 
 class MigrationSession:
