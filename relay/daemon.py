@@ -18,6 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from relay.engine import Engine, Observer
 from relay.errors import DatabaseError, RelayError, SchemaError
 from relay.logs import configure_logging
+from relay.metrics import Metrics, MetricsServer
 from relay.migrations import latest_version
 from relay.sdnotify import Notifier
 from relay.settings import Settings
@@ -46,7 +47,9 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.store = Store(settings.require_database_url(), pool_size=4)
-        self.engine = Engine(settings, self.store, observer=observer)
+        self.metrics = Metrics()
+        self.engine = Engine(settings, self.store, observer=observer or self.metrics)
+        self.metrics_server: MetricsServer | None = None
         self.notifier = Notifier(settings.systemd)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.stop_event = asyncio.Event()
@@ -75,6 +78,7 @@ class Relay:
         try:
             await self.engine.run_once()
             self.last_drain_at = datetime.now(UTC)
+            self.metrics.drained()
             if self._drain_failures:
                 log.info("database reachable again; draining")
             self._drain_failures = 0
@@ -99,16 +103,33 @@ class Relay:
             delay = min(delay * 2, 5.0)
             self.wake()  # notifications sent while we were away are lost: look now
 
-    async def _heartbeat(self) -> None:
-        try:
-            await self.store.heartbeat(self.settings.relay_id, self.engine.lane_states())
-        except RelayError as exc:
-            log.debug("heartbeat failed", extra={"error": str(exc)})
-        healthy = self.last_drain_at is not None and (
+    def drain_healthy(self) -> bool:
+        """The drain job ran recently (or is running now)."""
+        if self.engine.running:
+            return True
+        return self.last_drain_at is not None and (
             (datetime.now(UTC) - self.last_drain_at).total_seconds()
             < max(3 * self.settings.poll_interval, 30.0)
         )
-        if healthy or self.engine.running:
+
+    async def health(self) -> tuple[bool, str]:
+        """For ``/healthz``: the database answers and the drain job ran recently."""
+        try:
+            await self.store.ping()
+        except RelayError as exc:
+            return False, f"database: {exc}"
+        if not self.drain_healthy():
+            return False, "the drain job has not completed recently"
+        return True, "ok"
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self.store.heartbeat(self.settings.relay_id, self.engine.lane_states())
+            for backlog in await self.store.backlog(list(self.settings.targets)):
+                self.metrics.backlog(backlog.target, backlog.pending, backlog.oldest_pending_seconds)
+        except RelayError as exc:
+            log.debug("heartbeat failed", extra={"error": str(exc)})
+        if self.drain_healthy():
             self.notifier.watchdog()
         paused = [name for name, state, _ in self.engine.lane_states() if state != "serving"]
         summary = f"delivered or dead-lettered {self.engine.delivered} rows"
@@ -158,12 +179,18 @@ class Relay:
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
             )  # fmt: skip
             self._add_retention_job()
-            self.scheduler.start()
+            if self.settings.metrics_listen is not None:
+                host, port = self.settings.metrics_listen
+                self.metrics_server = MetricsServer(self.metrics, host, port, self.health)
+                await self.metrics_server.start()
+                log.info("metrics listening", extra={"address": f"{host}:{self.metrics_server.port}"})
             listener = asyncio.create_task(self._listen())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.listening.wait(), 5.0)
+            # READY before the first job runs, so systemd sees READY=1 before any STATUS=.
             self.notifier.ready(f"relaying for {len(self.settings.targets)} target(s)")
             log.info("ready", extra={"relay_id": self.settings.relay_id})
+            self.scheduler.start()
             await self.stop_event.wait()
             log.info("shutting down", extra={"timeout": self.settings.shutdown_timeout})
             self.notifier.stopping()
@@ -206,6 +233,8 @@ class Relay:
                 await asyncio.wait_for(self._drain_task, 5.0)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         with contextlib.suppress(RelayError):
             await self.store.forget_relay(self.settings.relay_id)
         await self.engine.close()

@@ -76,7 +76,8 @@ class Metrics:
             ["target"], registry=r,
         )  # fmt: skip
         self._last_drain = Gauge(
-            "outbox_relay_last_drain_timestamp_seconds", "When the last drain finished (Unix time).",
+            "outbox_relay_last_drain_timestamp_seconds",
+            "When the last drain finished (Unix time).",
             registry=r,
         )
 

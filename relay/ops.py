@@ -13,10 +13,10 @@ import getpass
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -200,6 +200,12 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@dataclass
+class Requeued:
+    count: int = 0
+    action_ids: set[str] = field(default_factory=set)  # only collected when action ids were named
+
+
 def requeue_reason(reason: str | None, now: datetime | None = None) -> str:
     """``"<reason> (by <os user> at <UTC time>)"``, as stored in ``requeue_reason``."""
     try:
@@ -218,9 +224,9 @@ async def retry_dead(
     code: str | None,
     reason: str,
     batch_size: int = RETRY_BATCH,
-) -> list[dict[str, Any]]:
+) -> Requeued:
     """Put matching dead rows back to pending, ``batch_size`` per transaction, then wake the relays."""
-    done: list[dict[str, Any]] = []
+    done = Requeued()
     after = 0
     while True:
         batch = await store.dead_retry_batch(
@@ -228,9 +234,11 @@ async def retry_dead(
         )
         if not batch:
             break
-        done += batch
+        done.count += len(batch)
+        if action_ids:
+            done.action_ids.update(r["action_id"] for r in batch)
         after = max(r["id"] for r in batch)
-    if done:
+    if done.count:
         await store.notify_relays()
     return done
 
@@ -247,8 +255,8 @@ def cmd_dead_retry(args: argparse.Namespace, settings: Settings) -> int:
     reason = requeue_reason(args.reason)
     done = asyncio.run(_using_store(settings, lambda s: retry_dead(
         s, action_ids=ids, target=args.target, code=args.code, reason=reason)))  # fmt: skip
-    print(f"re-queued {len(done)} dead update(s)" + ("; relays notified" if done else ""))
-    missing = sorted(set(ids or ()) - {r["action_id"] for r in done})
+    print(f"re-queued {done.count} dead update(s)" + ("; relays notified" if done.count else ""))
+    missing = sorted(set(ids or ()) - done.action_ids)
     if missing:
         shown = ", ".join(repr(report.clean(m, 60)) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -271,18 +279,18 @@ async def purge(
     number of updates deleted; ``progress(batch, updates, attempts)`` is called per batch."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    total = 0
-    batch = 0
-    while True:
-        updates, attempts = await store.purge_batch(older_than, include_dead, batch_size)
-        if updates == 0:
-            break
-        batch += 1
-        total += updates
-        if progress is not None:
-            progress(batch, updates, attempts)
-        if updates < batch_size:
-            break
+    total = batch = 0
+    for state in ("delivered", "dead") if include_dead else ("delivered",):
+        start = None
+        while True:
+            updates, attempts, start = await store.purge_batch(state, older_than, batch_size, start)
+            if updates:
+                batch += 1
+                total += updates
+                if progress is not None:
+                    progress(batch, updates, attempts)
+            if updates < batch_size:
+                break
     return total
 
 
@@ -308,8 +316,12 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
             sys.stderr.write(seen[-1] + "\n")
             sys.stderr.flush()
 
-    total = asyncio.run(_using_store(
-        settings, lambda s: purge(s, args.older_than, args.include_dead, args.batch_size, progress=progress)))
+    total = asyncio.run(
+        _using_store(
+            settings,
+            lambda s: purge(s, args.older_than, args.include_dead, args.batch_size, progress=progress),
+        )
+    )
     print(f"purged {total} {what} update(s) older than {span} and {attempts_total} attempt(s) "
           f"in {len(seen)} batch(es)")  # fmt: skip
     return 0
@@ -392,32 +404,34 @@ async def run_checks(settings: Settings) -> list[Check]:
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """Belt and braces: no secret of the settings ever reaches the terminal."""
+    """Belt and braces for error details, which quote other software: no secret of the settings
+    reaches the terminal even if a library put it in a message."""
     secrets = []
     if settings.database_url is not None:
-        secrets.append(urlsplit(settings.database_url.reveal()).password)
+        parts = urlsplit(settings.database_url.reveal())
+        secrets += [parts.password, *parse_qs(parts.query).get("password", [])]
     for t in settings.targets.values():
         secrets.append(t.token.reveal() if t.token else None)
         secrets.append(t.oauth.client_secret.reveal() if t.oauth else None)
     for secret in secrets:
-        if secret and len(secret) >= 3:
+        if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    checks = asyncio.run(run_checks(settings))
+    checks = [c if c.ok else Check(c.name, False, _scrub(c.detail, settings), c.configuration)
+              for c in asyncio.run(run_checks(settings))]  # fmt: skip
     problems = [c for c in checks if not c.ok]
     if args.json:
         listed = [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]
-        data = {"ok": not problems, "checks": listed}
-        print(_scrub(report.dumps(data), settings))
+        print(report.dumps({"ok": not problems, "checks": listed}))
     else:
         for c in checks:
             if c.ok:
-                print(_scrub(f"ok  {c.detail}", settings), flush=True)
+                print(f"ok  {c.detail}", flush=True)
     for c in problems:
-        sys.stderr.write(_scrub(f"FAIL {c.detail}", settings) + "\n")
+        sys.stderr.write(f"FAIL {c.detail}\n")
     if not problems:
         return 0
     return 2 if any(c.configuration for c in problems) else 1

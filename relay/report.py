@@ -39,19 +39,17 @@ def clean(value: object, limit: int | None = None) -> str:
 
 
 def age(seconds: float | None) -> str:
-    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``3d04h``; ``-`` for none."""
+    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``30d``; ``-`` for none."""
     if seconds is None:
         return "-"
     if seconds < 1:
         return f"{max(seconds, 0) * 1000:.0f}ms"
     s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = s % size // sub_size
+            return f"{s // size}{unit}" + (f"{rest:02d}{sub}" if rest else "")
+    return f"{s}s"
 
 
 def when(value: datetime | None) -> str:
