@@ -79,6 +79,7 @@ class Relay:
             await self.engine.run_once()
             self.last_drain_at = datetime.now(UTC)
             self.metrics.drained()
+            self._wake_for_retries()
             if self._drain_failures:
                 log.info("database reachable again; draining")
             self._drain_failures = 0
@@ -88,6 +89,15 @@ class Relay:
                 log.error(
                     "drain failed; retrying", extra={"error": str(exc), "failures": self._drain_failures}
                 )
+
+    def _wake_for_retries(self) -> None:
+        """Retries this relay scheduled sooner than the next poll get a wake-up of their own."""
+        due, self.engine.next_due = self.engine.next_due, None
+        if due is None:
+            return
+        delay = (due - datetime.now(UTC)).total_seconds()
+        if delay < self.settings.poll_interval:
+            asyncio.get_running_loop().call_later(max(delay, 0.0) + 0.005, self.wake)
 
     async def _listen(self) -> None:
         delay = 0.2

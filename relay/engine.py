@@ -178,6 +178,7 @@ class Engine:
         self._stopping = False
         self.running = False
         self.delivered = 0
+        self.next_due: datetime | None = None  # the earliest retry this engine scheduled
         self.last_run_ok: datetime | None = None
 
     # -- control ---------------------------------------------------------------------------
@@ -295,6 +296,8 @@ class Engine:
             lane.held -= 1
             self._sending.discard((row.id, row.token))
         self.recorder.add(result, attempts)
+        if result.state == "pending" and result.retry_at is not None:
+            self.next_due = result.retry_at if self.next_due is None else min(self.next_due, result.retry_at)
         self._report_lane(lane)
         if self.recorder.pending >= self.settings.batch_size and not self.recorder.backing_off():
             try:

@@ -26,4 +26,5 @@ def register(command: Callable[..., Any]) -> None:
         "example:\n  outbox-relay sandbox --port 8080 --p503 0.1 --p429 0.05 --latency-ms 50 \\\n"
         "      --log requests.jsonl",
     )  # fmt: skip
+    parser.set_defaults(needs_settings=False)
     add_arguments(parser)
