@@ -294,6 +294,7 @@ class Sandbox:
         self._token_down = False
         self._static_tokens = frozenset(self.config.tokens)
         self._issued: dict[str, float] = {}  # access token -> time.monotonic() expiry
+        self.issued_tokens: list[str] = []  # every access token handed out (sandbox tokens, not secrets)
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -405,6 +406,11 @@ class Sandbox:
         """Make ``POST /oauth/token`` answer 503 (True) or work again (False)."""
         self._token_down = down
 
+    def revoke_tokens(self) -> None:
+        """Forget every issued access token (static ones stay): the next use gets a 401."""
+        with self._lock:
+            self._issued.clear()
+
     def reset(self) -> None:
         """Forget what was applied and recorded, and re-seed the fault draws. Switches stay."""
         with self._lock:
@@ -477,6 +483,7 @@ class Sandbox:
             for old in expired:
                 del self._issued[old]
             self._issued[token] = now + self.config.token_lifetime
+            self.issued_tokens.append(token)
         return token, max(1, int(self.config.token_lifetime))
 
     def _plan(self) -> _Plan:

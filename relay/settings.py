@@ -134,7 +134,7 @@ class BreakerSettings:
 
     failure_threshold: int = 5
     open_for: float = 2.0
-    max_open_for: float = 60.0
+    max_open_for: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
             parse_duration(breaker_table.get("open_for", 2.0), "breaker.open_for"), "breaker.open_for"
         ),
         max_open_for=_positive_float(
-            parse_duration(breaker_table.get("max_open_for", 60.0), "breaker.max_open_for"),
+            parse_duration(breaker_table.get("max_open_for", 15.0), "breaker.max_open_for"),
             "breaker.max_open_for",
         ),
     )

@@ -98,28 +98,3 @@ def expected_bodies(updates: Iterable[tuple[str, str, list[dict[str, str]]]]) ->
             body["errors"] = errors
         out[action_id] = body
     return out
-
-
-def record_issued_tokens(sandbox: Any) -> list[str]:
-    """Every access token the sandbox's token endpoint issues from now on, in order.
-
-    The sandbox forgets expired tokens, so tests that must know every token it ever handed out
-    (to look for them in logs and tables) wrap its issuing method.
-    """
-    issued: list[str] = []
-    original = sandbox._issue_token
-
-    def issue() -> tuple[str, int]:
-        token, expires_in = original()
-        issued.append(token)
-        return token, expires_in
-
-    sandbox._issue_token = issue
-    return issued
-
-
-def revoke_issued_tokens(sandbox: Any) -> None:
-    """Make the sandbox forget every token it issued (static tokens stay): the next request
-    carrying one gets a 401, as after a revocation on the real token server."""
-    with sandbox._lock:
-        sandbox._issued.clear()

@@ -1,0 +1,760 @@
+"""Targets end to end: OAuth renewal, a token endpoint outage, auth pauses, the circuit breaker,
+the rate limit, several targets, secrets that never leak, and plain-http refusal.
+
+Real PostgreSQL (the session's embedded server), the sandbox API in-process on loopback, and the
+relay either in-process (:class:`relay.daemon.Relay` or :class:`relay.engine.Engine`) or as a
+``python -m relay run`` subprocess where its logs matter. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from relay.daemon import Relay
+from relay.engine import Engine
+from relay.errors import ConfigError
+from relay.flow import BreakerState
+from relay.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Sandbox, SandboxConfig
+from relay.settings import Settings, check_url, load_settings
+from relay.store import Store
+from tests.relaykit import (
+    expected_bodies,
+    relay_env,
+    relay_settings,
+    sample_updates,
+    seed_rows,
+    start_relay_process,
+    states,
+)
+
+Updates = list[tuple[str, str, list[dict[str, str]]]]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def rows(url: str, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+async def arows(url: str, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+    return await asyncio.to_thread(rows, url, sql, params)
+
+
+async def astates(url: str) -> dict[str, int]:
+    return await asyncio.to_thread(states, url)
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], within: float, what: str, interval: float = 0.1
+) -> float:
+    """Poll until ``predicate`` holds; return the seconds it took. Fails the test after ``within`` s."""
+    start = time.monotonic()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def all_final(url: str, total: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        s = await astates(url)
+        return s.get("delivered", 0) + s.get("dead", 0) == total
+
+    return check
+
+
+async def produce(url: str, updates: Updates, per_tick: int, tick: float, target: str = "default") -> float:
+    """Enqueue ``per_tick`` rows per transaction every ``tick`` seconds, as an application would."""
+    start = time.monotonic()
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        for n, i in enumerate(range(0, len(updates), per_tick)):
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "select outbox.enqueue_action_status(%s, %s, %s::jsonb, %s)",
+                    [(a, s, json.dumps(e), target) for a, s, e in updates[i : i + per_tick]],
+                )
+            await conn.commit()
+            await asyncio.sleep(max(0.0, start + (n + 1) * tick - time.monotonic()))
+    return time.monotonic() - start
+
+
+@contextlib.asynccontextmanager
+async def relay_running(settings: Settings, heartbeat: float = 0.5) -> AsyncIterator[Relay]:
+    """The daemon in this event loop. ``WATCHDOG_USEC`` without ``NOTIFY_SOCKET`` (so nothing
+    is sent anywhere) only shortens the heartbeat that writes ``outbox.relay_targets`` (10 s)."""
+    relay = Relay(replace(settings, systemd={"WATCHDOG_USEC": str(int(heartbeat * 2_000_000))}))
+    task = asyncio.create_task(relay.run())
+
+    def ready() -> bool:
+        if task.done():
+            task.result()  # raises what run() raised
+            raise AssertionError("the relay stopped on its own")
+        return relay.listening.is_set()
+
+    try:
+        await until(ready, 20, "the relay to listen")
+        yield relay
+    finally:
+        relay.stop_event.set()
+        await asyncio.wait_for(task, 30)
+
+
+def oauth_env(database_url: str, sandbox: Sandbox, secret_file: Path, **extra: str) -> dict[str, str]:
+    env = relay_env(database_url, sandbox.url, **extra)
+    del env["RELAY_API_TOKEN"]
+    env.update(
+        RELAY_OAUTH_CLIENT_ID=DEFAULT_CLIENT_ID,
+        RELAY_OAUTH_CLIENT_SECRET_FILE=str(secret_file),
+        RELAY_OAUTH_TOKEN_URL=sandbox.token_url,
+    )
+    return env
+
+
+def client_secret_file(tmp_path: Path, secret: str = DEFAULT_CLIENT_SECRET) -> Path:
+    path = tmp_path / "oauth-client-secret"
+    path.write_text(secret + "\n")
+    return path
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=60,
+    )
+
+
+def put_times(sandbox: Sandbox) -> list[float]:
+    return sorted(r.time for r in list(sandbox.requests) if r.method == "PUT")
+
+
+def max_in_window(times: Sequence[float], window: float) -> int:
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+# -- 1. OAuth: renewal ahead of expiry, and a 401 renews once ---------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_oauth_tokens_renewed_ahead_and_a_revoked_token_renews_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    lifetime = 3.0  # the sandbox says expires_in=3; the relay renews at 80%, after 2.4 s
+    with Sandbox(SandboxConfig(token_lifetime=lifetime, seed=1)) as sb:
+        issued = sb.issued_tokens
+        settings = load_settings(None, oauth_env(database_url, sb, client_secret_file(tmp_path)))
+        updates = sample_updates(1000, prefix="oauth")
+        async with relay_running(settings):
+            started = time.monotonic()
+            producer = asyncio.create_task(produce(database_url, updates, per_tick=10, tick=0.1))
+            await asyncio.sleep(4.0)
+            # Revoke 1 s after a token was issued: requests in flight all carry that token, and
+            # the relay believes it good for 1.4 s more, so the next requests meet a 401.
+            seen = len(issued)
+            await until(lambda: len(issued) > seen, 10, "a scheduled token renewal", interval=0.01)
+            await asyncio.sleep(1.0)
+            revoked_at = time.time()
+            sb.revoke_tokens()
+            produced_in = await producer
+            await until(all_final(database_url, 1000), 40, "1000 rows delivered")
+            elapsed = time.monotonic() - started
+
+    assert await astates(database_url) == {"delivered": 1000}
+    assert sb.applied == expected_bodies(updates) and sb.duplicates == 0
+    token_times = sorted(r.time for r in sb.requests if r.method == "POST")
+    assert len(token_times) == sb.token_requests == len(issued)
+    # A handful, not one per request: about elapsed / 2.4 s renewals, plus the forced one.
+    assert 3 <= sb.token_requests <= elapsed / (0.8 * lifetime) + 4, (sb.token_requests, elapsed)
+    # Single flight: the wave of 401s after the revocation caused exactly one token request.
+    assert sum(revoked_at <= t < revoked_at + 1.2 for t in token_times) == 1, (revoked_at, token_times)
+    unauthorized = sb.status_counts[401]
+    assert unauthorized >= 1
+    attempts = rows(
+        database_url,
+        "select u.action_id, u.attempts, array_agg(d.outcome || ':' || coalesce(d.http_status, 0)"
+        "  order by d.attempt) from outbox.action_status_updates u"
+        " join outbox.delivery_attempts d on d.update_id = u.id group by u.id",
+    )
+    by_row = {a: (n, seq) for a, n, seq in attempts}
+    assert all(n == 1 for n, _ in by_row.values())  # the 401 consumed no attempt
+    reauthed = {a: seq for a, (_, seq) in by_row.items() if seq != ["delivered:204"]}
+    # Each 401 renewed the token and the same row was sent again at once, and delivered.
+    assert reauthed and all(seq == ["reauth:401", "delivered:204"] for seq in reauthed.values()), reauthed
+    assert len(reauthed) == unauthorized
+    print(
+        f"\n[oauth] 1000 rows produced in {produced_in:.1f}s, all delivered after {elapsed:.1f}s; "
+        f"token requests {sb.token_requests}; 401s {unauthorized}, each retried once and delivered"
+    )
+
+
+# -- 2. The token endpoint down for a while ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_token_endpoint_down_rows_wait_uncharged_then_deliver(
+    database_url: str, tmp_path: Path
+) -> None:
+    with Sandbox(SandboxConfig(token_lifetime=2.0, seed=1)) as sb:
+        settings = load_settings(None, oauth_env(database_url, sb, client_secret_file(tmp_path)))
+        warm = sample_updates(50, prefix="warm")
+        during = sample_updates(300, seed=8, prefix="during")
+        async with relay_running(settings) as relay:
+            await asyncio.to_thread(seed_rows, database_url, warm)
+            await until(all_final(database_url, 50), 20, "the warm-up rows")
+            sb.token_endpoint_down(True)
+            down_at = time.monotonic()
+            producer = asyncio.create_task(produce(database_url, during, per_tick=15, tick=0.2))
+            # The last token lives at most 2 s more; after that nothing can be sent.
+            await asyncio.sleep(2.6)
+            first = await arows(
+                database_url,
+                "select count(*) filter (where state = 'delivered'), count(*) filter (where state = 'dead'),"
+                " max(attempts) filter (where state <> 'delivered') from outbox.action_status_updates",
+            )
+            lane_state = relay.engine.lane_states()[0]
+            await asyncio.sleep(max(0.0, down_at + 4.0 - time.monotonic()))
+            second = await arows(
+                database_url,
+                "select count(*) filter (where state = 'delivered'), count(*) filter (where state = 'dead'),"
+                " max(attempts) filter (where state <> 'delivered') from outbox.action_status_updates",
+            )
+            token_failures = sb.token_requests
+            sb.token_endpoint_down(False)
+            down_for = time.monotonic() - down_at
+            await producer
+            took = await until(all_final(database_url, 350), 30, "every row delivered")
+
+    delivered_then, dead_then, max_waiting_attempts = first[0]
+    assert dead_then == 0 and (max_waiting_attempts or 0) == 0
+    # While no token could be had, the rows waited: no delivery, no attempt charged, none dead.
+    assert second[0] == (delivered_then, 0, 0), (first, second)
+    assert delivered_then < 350
+    # Paused for want of a token (or, if a request carried the last token past its expiry, for
+    # the 401 that the failed renewal could not cure): either way a pause, not a charge.
+    assert lane_state[1] in ("paused", "probing"), lane_state
+    reason = lane_state[2] or ""
+    assert "cannot get a token" in reason or "HTTP 401" in reason, lane_state
+    assert await astates(database_url) == {"delivered": 350}
+    assert rows(database_url, "select max(attempts), min(attempts) from outbox.action_status_updates") == [
+        (1, 1)
+    ]
+    assert max(sb.apply_count.values()) == 1 and sb.duplicates == 0
+    print(
+        f"\n[token down] endpoint down {down_for:.1f}s; {350 - delivered_then} rows waited pending with "
+        f"0 attempts; {token_failures} token requests in all; all delivered {took:.1f}s after it came back"
+    )
+
+
+# -- 3. 403 on every request: the target pauses, then resumes by itself -----------------------
+
+
+@pytest.mark.timeout(120)
+async def test_forbidden_pauses_the_target_without_charging_and_resumes(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="relay")
+    with Sandbox(SandboxConfig(seed=1)) as sb:
+        sb.force_status(403)
+        settings = relay_settings(database_url, sb.url)
+        updates = sample_updates(100, prefix="forbidden")
+
+        def paused_row() -> list[tuple[Any, ...]]:
+            return rows(
+                database_url,
+                "select state, reason from outbox.relay_targets where target = 'default' and state = 'paused'",
+            )
+
+        async with relay_running(settings):
+            await asyncio.to_thread(seed_rows, database_url, updates)
+            await until(lambda: asyncio.to_thread(lambda: bool(paused_row())), 20, "relay_targets: paused")
+            t_paused = time.monotonic()
+            requests_at_pause = sb.request_total
+            ((_, reason),) = await asyncio.to_thread(paused_row)
+
+            status: dict[str, Any] = {}
+
+            async def status_says_paused() -> bool:
+                result = await asyncio.to_thread(
+                    cli, "status", "--json", env={"RELAY_DATABASE_URL": database_url}
+                )
+                assert result.returncode == 0, result.stderr
+                status.update({t["target"]: t for t in json.loads(result.stdout)["targets"]}["default"])
+                return bool(status["paused"])
+
+            await until(status_says_paused, 20, "`status --json` to show the pause", interval=0.3)
+            await asyncio.sleep(max(0.0, t_paused + 4.0 - time.monotonic()))
+            held = await arows(
+                database_url,
+                "select count(*), max(attempts), count(*) filter (where state in ('pending', 'in_flight'))"
+                " from outbox.action_status_updates",
+            )
+            probes = sb.request_total - requests_at_pause
+            probe_window = time.monotonic() - t_paused
+            sb.force_status(None)
+            resumed_at = time.monotonic()
+            await until(all_final(database_url, 100), 30, "delivery to resume")
+            resumed_in = time.monotonic() - resumed_at
+            await until(
+                lambda: asyncio.to_thread(
+                    lambda: rows(database_url, "select state from outbox.relay_targets") == [("serving",)]
+                ),
+                10,
+                "relay_targets: serving again",
+            )
+
+    assert "403" in reason and "FORBIDDEN" in reason, reason
+    assert status["paused"] is True and "403" in status["pause_reason"], status
+    assert status["pending"] + status["in_flight"] == 100 and status["delivered"] == 0
+    assert held == [(100, 0, 100)]  # nothing delivered, no attempt consumed
+    # While paused, only a probe every couple of seconds reaches the API.
+    assert probes <= probe_window / 2.0 + 2, (probes, probe_window)
+    assert await astates(database_url) == {"delivered": 100}
+    assert rows(database_url, "select max(attempts), min(attempts) from outbox.action_status_updates") == [
+        (1, 1)
+    ]
+    assert rows(
+        database_url,
+        "select count(*) from outbox.delivery_attempts where outcome = 'paused' and http_status = 403",
+    ) == [(sb.status_counts[403],)]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.getMessage() == "target paused"]
+    assert errors and "403" in errors[0].reason  # type: ignore[attr-defined]
+    print(
+        f"\n[403] paused with reason {reason!r}; {sb.status_counts[403]} requests answered 403 "
+        f"({probes} in the {probe_window:.1f}s after the pause showed); resumed, all 100 delivered "
+        f"{resumed_in:.1f}s after the API answered again, attempts 1 each"
+    )
+
+
+# -- 4. An API outage: 503s, then connection refused; the breaker spares the API and the rows -
+
+
+@pytest.mark.timeout(120)
+async def test_api_outage_breaker_limits_requests_and_attempts(database_url: str) -> None:
+    sb1 = Sandbox(SandboxConfig(seed=1)).start()
+    sb2: Sandbox | None = None
+    try:
+        port = sb1.port
+        settings = relay_settings(database_url, sb1.url, RELAY_RETRY_MAX_ATTEMPTS="20")
+        warm = sample_updates(50, prefix="warm")
+        outage_a = sample_updates(200, seed=8, prefix="outage-a")
+        outage_b = sample_updates(100, seed=9, prefix="outage-b")
+        async with relay_running(settings) as relay:
+            lane = relay.engine.lanes["default"]
+            await asyncio.to_thread(seed_rows, database_url, warm)
+            await until(all_final(database_url, 50), 20, "the warm-up rows")
+
+            sb1.force_status(503)
+            t0 = time.monotonic()
+            await asyncio.to_thread(seed_rows, database_url, outage_a)
+            await until(lambda: lane.breaker.state != BreakerState.CLOSED, 10, "the breaker to open", 0.01)
+            opened_wall = time.time()
+            reason = lane.breaker.reason
+            await asyncio.sleep(max(0.0, t0 + 5.0 - time.monotonic()))
+
+            await asyncio.to_thread(sb1.stop)  # now: connection refused
+            refused_wall = time.time()
+            await asyncio.to_thread(seed_rows, database_url, outage_b)
+            await asyncio.sleep(max(0.0, t0 + 10.0 - time.monotonic()))
+
+            sb2 = Sandbox(SandboxConfig(port=port, seed=2)).start()
+            back_wall = time.time()
+            outage = time.monotonic() - t0
+            took = await until(all_final(database_url, 350), 40, "every row delivered after the outage")
+
+    finally:
+        sb1.stop()
+        if sb2 is not None:
+            sb2.stop()
+
+    answered_503 = sb1.status_counts[503]
+    refused = rows(
+        database_url,
+        "select count(*) from outbox.delivery_attempts where http_status is null"
+        " and started_at >= to_timestamp(%s) and started_at < to_timestamp(%s)",
+        (refused_wall, back_wall),
+    )[0][0]
+    after_open = sum(1 for r in sb1.requests if r.method == "PUT" and r.time > opened_wall + 0.5) + refused
+    total_outage = answered_503 + refused
+    assert await astates(database_url) == {"delivered": 350}
+    max_attempts, mean_attempts = rows(
+        database_url,
+        "select max(attempts), avg(attempts)::float from outbox.action_status_updates where action_id like 'outage-%%'",
+    )[0]
+    assert max_attempts <= 5, max_attempts
+    # Without a breaker, 300 rows retrying every <= 0.5 s for 10 s would make thousands of
+    # requests (and reach max_attempts); with it: one burst, then probes.
+    assert total_outage <= 100, (answered_503, refused)
+    assert after_open <= (back_wall - opened_wall) / 2.0 + 1, after_open
+    assert set(sb1.applied) == {a for a, _, _ in warm}
+    assert sb2.applied == expected_bodies(outage_a + outage_b) and sb2.duplicates == 0
+    assert reason and "consecutive transient failures" in reason
+    print(
+        f"\n[outage] {outage:.1f}s outage: {answered_503} requests answered 503 + {refused} refused "
+        f"connections ({after_open} after the breaker opened); all 350 delivered {took:.1f}s after "
+        f"the API came back; attempts max {max_attempts}, mean {mean_attempts:.2f} (max_attempts 20)"
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_without_the_breaker_the_same_outage_hammers_the_api(database_url: str, tmp_path: Path) -> None:
+    """The baseline for the test above: the breaker practically off, 503s for 3 s."""
+    config = tmp_path / "relay.toml"
+    config.write_text("[breaker]\nfailure_threshold = 1000000\n")
+    with Sandbox(SandboxConfig(seed=1)) as sb:
+        sb.force_status(503)
+        env = relay_env(database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="20", RELAY_CONFIG=str(config))
+        async with relay_running(load_settings(None, env)):
+            await asyncio.to_thread(seed_rows, database_url, sample_updates(300, prefix="outage"))
+            await until(lambda: sb.status_counts[503] > 0, 10, "the first 503")
+            start, first = time.monotonic(), sb.status_counts[503]
+            await asyncio.sleep(3.0)
+            hammered = sb.status_counts[503] - first
+            seconds = time.monotonic() - start
+    assert hammered >= 300, hammered  # at least one retry per row, against <= 2 probes with the breaker
+    print(
+        f"\n[no breaker] {hammered} requests to the failing API in {seconds:.1f}s ({hammered / seconds:.0f}/s)"
+    )
+
+
+# -- 5. The rate limit --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_rate_limit_respected_within_ten_percent(database_url: str) -> None:
+    rate, total = 50, 700
+    with Sandbox(SandboxConfig(seed=1)) as sb:
+        settings = relay_settings(database_url, sb.url, RELAY_RATE_LIMIT=str(rate), RELAY_LEASE="30")
+        seed_rows(database_url, sample_updates(total, prefix="rate"))
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        try:
+            started = time.monotonic()
+            while (await astates(database_url)).get("delivered", 0) < total:
+                assert time.monotonic() - started < 60, "rate-limited drain took too long"
+                await engine.run_once()
+        finally:
+            await engine.close()
+            await store.close()
+
+    times = put_times(sb)
+    assert len(times) == total and sb.status_counts[204] == total
+    busiest = max_in_window(times, 10.0)
+    first_window = sum(1 for t in times if t < times[0] + 10.0)
+    span = times[-1] - times[0]
+    assert busiest <= rate * 10 * 1.1, busiest
+    assert first_window >= rate * 10 * 0.9, first_window
+    assert abs((total - 1) / span - rate) <= rate * 0.1, span
+    print(
+        f"\n[rate] limit {rate}/s: busiest 10 s window {busiest} requests, first 10 s {first_window}; "
+        f"{total} requests over {span:.2f}s = {(total - 1) / span:.1f}/s"
+    )
+
+
+# -- 6. Two targets, two servers; an unconfigured target is left alone ------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_each_target_reaches_only_its_own_server(database_url: str, tmp_path: Path) -> None:
+    with (
+        Sandbox(SandboxConfig(tokens=("token-default",), seed=1)) as sb_default,
+        Sandbox(SandboxConfig(tokens=("token-eu",), seed=2)) as sb_eu,
+    ):
+        (tmp_path / "default.token").write_text("token-default\n")
+        (tmp_path / "eu.token").write_text("token-eu\n")
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            f'[targets.default]\nbase_url = "{sb_default.url}"\ntoken_file = "{tmp_path / "default.token"}"\n\n'
+            f'[targets.eu]\nbase_url = "{sb_eu.url}"\ntoken_file = "{tmp_path / "eu.token"}"\n'
+        )
+        env = relay_env(database_url, "unused")
+        for key in ("RELAY_API_BASE_URL", "RELAY_API_TOKEN"):
+            del env[key]
+        settings = load_settings(str(config), env)
+        assert sorted(settings.targets) == ["default", "eu"]
+
+        # The same action ids for both targets, with different outcomes, plus ids of their own.
+        for_default = sample_updates(50, seed=1, prefix="shared") + sample_updates(50, seed=3, prefix="dflt")
+        for_eu = sample_updates(50, seed=2, prefix="shared") + sample_updates(50, seed=4, prefix="eu")
+        for_us = sample_updates(20, seed=5, prefix="us")
+        seed_rows(database_url, for_default, target="default")
+        seed_rows(database_url, for_eu, target="eu")
+        seed_rows(database_url, for_us, target="us")
+
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        try:
+            for _ in range(100):
+                await engine.run_once()
+                if (await astates(database_url)).get("delivered", 0) == 200:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(3):  # a few more rounds: 'us' stays unclaimed
+                await engine.run_once()
+        finally:
+            await engine.close()
+            await store.close()
+
+    assert sb_default.applied == expected_bodies(for_default)
+    assert sb_eu.applied == expected_bodies(for_eu)
+    shared = [a for a, _, _ in for_default if a.startswith("shared")]
+    assert any(sb_default.applied[a] != sb_eu.applied[a] for a in shared)  # each got its own outcome
+    assert sb_default.request_total == 100 and sb_eu.request_total == 100
+    per_target = rows(
+        database_url,
+        "select target, state, count(*), max(attempts), max(requests), count(claimed_by), count(claim_token)"
+        " from outbox.action_status_updates group by 1, 2 order by 1, 2",
+    )
+    assert per_target == [
+        ("default", "delivered", 100, 1, 1, 0, 0),
+        ("eu", "delivered", 100, 1, 1, 0, 0),
+        ("us", "pending", 20, 0, 0, 0, 0),
+    ]
+    assert rows(
+        database_url,
+        "select count(*) from outbox.delivery_attempts where target = 'us' or action_id like 'us-%%'",
+    ) == [(0,)]
+    print(
+        "\n[targets] default: 100 rows to its server, eu: 100 to its own, us (unconfigured): 20 left pending"
+    )
+
+
+# -- 7. Secrets never leak ----------------------------------------------------------------------
+
+
+def _dump_outbox(url: str) -> str:
+    relations = rows(
+        url,
+        "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = 'outbox' and c.relkind in ('r', 'v', 'm', 'p') order by 1",
+    )
+    assert {"action_status_updates", "delivery_attempts", "relay_targets"} <= {r for (r,) in relations}
+    out = []
+    for (name,) in relations:
+        out += [r for (r,) in rows(url, f'select row_to_json(t)::text from outbox."{name}" t')]
+    return "\n".join(out)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("auth", "log_format"), [("token", "text"), ("token", "json"), ("oauth", "text"), ("oauth", "json")]
+)
+async def test_secrets_never_leak(database_url: str, tmp_path: Path, auth: str, log_format: str) -> None:
+    static_token = "tok-" + secrets.token_urlsafe(24)
+    client_secret = "cs-" + secrets.token_urlsafe(24)
+    db_password = "s3cr3t-pw-" + secrets.token_hex(8)
+    url = make_url(database_url).set(password=db_password).render_as_string(hide_password=False)
+    assert db_password in url
+    config = SandboxConfig(
+        tokens=(static_token,), oauth_clients={"relay-client": client_secret}, token_lifetime=2.0, seed=1
+    )
+    with Sandbox(config) as sb:
+        issued = sb.issued_tokens
+        api_url = sb.url
+        env = relay_env(
+            url, sb.url, RELAY_LOG_LEVEL="DEBUG", RELAY_LOG_FORMAT=log_format, WATCHDOG_USEC="2000000"
+        )
+        if auth == "oauth":
+            del env["RELAY_API_TOKEN"]
+            env.update(
+                RELAY_OAUTH_CLIENT_ID="relay-client",
+                RELAY_OAUTH_CLIENT_SECRET_FILE=str(client_secret_file(tmp_path, client_secret)),
+                RELAY_OAUTH_TOKEN_URL=sb.token_url,
+            )
+        else:
+            env["RELAY_API_TOKEN"] = static_token
+        log_path = tmp_path / "relay.log"
+        started = time.monotonic()
+        proc = start_relay_process(env, log_path)
+        total = 0
+        try:
+            ok = [
+                *sample_updates(20, prefix="ok"),
+                ("unknown-1", "SUCCESS", []),
+                ("unknown-2", "SUCCESS", []),
+            ]
+            seed_rows(url, ok)
+            total += len(ok)
+            await until(all_final(url, total), 30, "the first rows")
+            for status, prefix in ((500, "e500"), (401, "e401"), (403, "e403")):
+                sb.force_status(status)
+                batch = sample_updates(5, prefix=prefix)
+                seed_rows(url, batch)
+                total += len(batch)
+
+                async def answered(status: int = status) -> bool:
+                    return sb.status_counts[status] > 0
+
+                await until(answered, 20, f"a {status} answer")
+            sb.force_status(None)
+            if auth == "oauth":  # and the token endpoint down for a moment: its errors get logged
+                sb.token_endpoint_down(True)
+                await asyncio.sleep(2.2)  # the last token expires
+                batch = sample_updates(5, prefix="nt")
+                seed_rows(url, batch)
+                total += len(batch)
+                await until(
+                    lambda: "cannot get a token" in log_path.read_text(), 20, "a token failure logged"
+                )
+                sb.token_endpoint_down(False)
+            await until(all_final(url, total), 40, "every row final")
+            await asyncio.sleep(1.2)  # one more heartbeat
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 30)
+        assert code == 0
+
+        relay_done = time.monotonic()
+        # The operators' commands, once per auth kind (the log format does not change them).
+        ops_env = {k: v for k, v in env.items() if k != "WATCHDOG_USEC"}
+        commands = [
+            ("status",), ("status", "--json"), ("audit", "e401-000000"), ("audit", "e500-000000", "--json"),
+            ("dead", "list", "--json"), ("check",),
+        ] if log_format == "text" else []  # fmt: skip
+        results = await asyncio.gather(*(asyncio.to_thread(cli, *args, env=ops_env) for args in commands))
+        for args, result in zip(commands, results, strict=True):
+            assert result.returncode == 0, (args, result.stderr)
+        outputs = [r.stdout + r.stderr for r in results]
+        ops_took = time.monotonic() - relay_done
+
+    logs = log_path.read_text()
+    dump = _dump_outbox(database_url)
+    # The scenario really happened, and the logs are the DEBUG ones.
+    assert states(database_url) == {"delivered": total - 2, "dead": 2}
+    assert {401, 403, 500} <= set(sb.status_counts)
+    assert "target paused" in logs and "DEBUG" in logs
+    if log_format == "json":
+        parsed = [json.loads(line) for line in logs.splitlines() if line.strip()]
+        assert parsed and all(isinstance(p, dict) and "msg" in p for p in parsed)
+    secrets_ = {"database password": db_password}
+    if auth == "oauth":
+        assert len(issued) >= 3 and sb.status_counts[401] >= 1
+        assert "token renewed" in logs
+        secrets_["client secret"] = client_secret
+        secrets_.update({f"issued token {i}": t for i, t in enumerate(issued)})
+    else:
+        secrets_["static token"] = static_token
+    # The places searched do hold what is not secret (so a leak there would have been seen).
+    assert api_url in logs and "unknown-1" in logs
+    assert "e401-000000" in dump and "forced answer 403" in dump
+    assert not outputs or ("e401-000000" in outputs[2] and '"paused"' in outputs[1])
+    places = {"relay logs": logs, "outbox tables": dump, "ops commands": "\n".join(outputs)}
+    leaks = [
+        (what, where) for what, secret in secrets_.items() for where, text in places.items() if secret in text
+    ]
+    assert not leaks, leaks
+    print(
+        f"\n[secrets {auth}/{log_format}] {len(logs.splitlines())} log lines, {len(dump.splitlines())} outbox rows, "
+        f"{len(outputs)} ops outputs checked for {len(secrets_)} secrets: none found "
+        f"(relay {relay_done - started:.1f}s, ops commands {ops_took:.1f}s)"
+    )
+
+
+# -- 8. Plain http:// to a non-loopback host is refused at start-up ----------------------------
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"RELAY_API_BASE_URL": "http://miraklconnect.example.com/api/channel-platform"},
+        {"RELAY_OAUTH_TOKEN_URL": "http://auth.example.com/oauth/token", "RELAY_OAUTH_CLIENT_ID": "c"},
+        {"toml": '[targets.eu]\nbase_url = "http://10.1.2.3:8080/api"\ntoken = "t"\n'},
+    ],
+    ids=["base-url", "token-url", "toml-target"],
+)
+def test_plain_http_to_a_remote_host_is_refused_at_startup(
+    database_url: str, tmp_path: Path, setting: dict[str, str]
+) -> None:
+    secret = client_secret_file(tmp_path)
+    env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "t", **setting}
+    if "RELAY_OAUTH_CLIENT_ID" in env:
+        del env["RELAY_API_TOKEN"]
+        env["RELAY_OAUTH_CLIENT_SECRET_FILE"] = str(secret)
+    if "toml" in env:
+        (tmp_path / "relay.toml").write_text(env.pop("toml"))
+        env["RELAY_CONFIG"] = str(tmp_path / "relay.toml")
+    started = time.monotonic()
+    result = cli("run", env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("outbox-relay: "), result.stderr
+    assert "plain http:// is refused" in lines[0] and "https://" in lines[0]
+    assert time.monotonic() - started < 20
+
+
+def test_a_static_token_and_oauth_both_in_variables_is_a_configuration_error(tmp_path: Path) -> None:
+    env = {
+        "RELAY_API_TOKEN": "t0ken",
+        "RELAY_OAUTH_CLIENT_ID": "client",
+        "RELAY_OAUTH_CLIENT_SECRET_FILE": str(client_secret_file(tmp_path)),
+    }
+    with pytest.raises(ConfigError, match="either a static token or OAuth, not both"):
+        load_settings(None, env)
+    # Each variable still overrides the other kind of auth set in the file.
+    config = tmp_path / "relay.toml"
+    config.write_text('[targets.default]\ntoken = "from-file"\n')
+    assert (
+        load_settings(str(config), {k: v for k, v in env.items() if k != "RELAY_API_TOKEN"})
+        .targets["default"]
+        .auth_kind
+        == "oauth"
+    )
+    config.write_text(
+        f'[targets.default]\noauth_client_id = "c"\noauth_client_secret_file = "{env["RELAY_OAUTH_CLIENT_SECRET_FILE"]}"\n'
+    )
+    assert load_settings(str(config), {"RELAY_API_TOKEN": "t0ken"}).targets["default"].auth_kind == "token"
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:8080", True),
+        ("http://127.9.9.9", True),
+        ("http://[::1]:8080/api", True),
+        ("http://localhost:8080", True),
+        ("https://miraklconnect.com/api/channel-platform", True),
+        ("http://localhost.example.com", False),
+        ("http://127.0.0.1.nip.io", False),
+        ("http://0.0.0.0:8080", False),
+        ("http://[::ffff:10.0.0.1]", False),
+        ("http://192.168.1.10", False),
+    ],
+)
+def test_only_loopback_hosts_may_use_plain_http(url: str, allowed: bool) -> None:
+    if allowed:
+        assert check_url(url, "base_url") == url
+    else:
+        with pytest.raises(ConfigError, match="plain http:// is refused"):
+            check_url(url, "base_url")
