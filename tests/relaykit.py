@@ -98,3 +98,25 @@ def expected_bodies(updates: Iterable[tuple[str, str, list[dict[str, str]]]]) ->
             body["errors"] = errors
         out[action_id] = body
     return out
+
+
+def create_migrated_database(admin_url: str, name: str, url: str) -> None:
+    """Create database ``name`` (through ``admin_url``) and apply the migrations to it (``url``)."""
+    import asyncio
+
+    from relay.migrations import migrate
+    from relay.settings import Secret
+    from relay.store import Store
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {name}")
+        conn.execute(f"create database {name}")
+    store = Store(Secret(url), pool_size=1)
+
+    async def setup() -> None:
+        try:
+            await migrate(store)
+        finally:
+            await store.close()
+
+    asyncio.run(setup())

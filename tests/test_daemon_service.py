@@ -14,7 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.embedded import EmbeddedPostgres
 from relay.sandbox import Sandbox, SandboxConfig
-from tests.relaykit import relay_env, sample_updates, seed_rows, start_relay_process, states, wait_until
+from tests.relaykit import (
+    create_migrated_database,
+    relay_env,
+    sample_updates,
+    seed_rows,
+    start_relay_process,
+    states,
+    wait_until,
+)
 
 
 def _free_port() -> int:
@@ -36,13 +44,7 @@ def own_pg() -> Iterator[EmbeddedPostgres]:
     """A server of this test's own: it gets stopped."""
     pg = EmbeddedPostgres(fsync=False).start()
     try:
-        import subprocess
-        import sys
-
-        subprocess.run(
-            [sys.executable, "-m", "relay", "migrate"], env={"RELAY_DATABASE_URL": pg.url(), "PATH": "/usr/bin:/bin"},
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        create_migrated_database(pg.url("postgres"), "relay", pg.url("relay"))
         yield pg
     finally:
         pg.cleanup()
@@ -52,7 +54,7 @@ def test_metrics_move_during_a_drain_and_healthz_follows_the_database(
     own_pg: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     port = _free_port()
-    url = own_pg.url()
+    url = own_pg.url("relay")
     with Sandbox(SandboxConfig()) as sb:
         env = relay_env(url, sb.url, RELAY_METRICS_LISTEN=f"127.0.0.1:{port}")
         proc = start_relay_process(env, tmp_path / "relay.log")

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from relay.embedded import EmbeddedPostgres
-from relay.migrations import migrate
 from relay.sandbox import Faults, Sandbox, SandboxConfig
-from relay.settings import Secret
-from relay.store import Store
 from tests.chaos.kit import Harness
+from tests.relaykit import create_migrated_database
 
 PRIVATE_DB = "chaos"
 
@@ -41,17 +37,7 @@ def private_pg() -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL of this test's own, free to stop, restart or crowd; a migrated ``chaos`` database."""
     pg = EmbeddedPostgres(fsync=False).start()
     try:
-        with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
-            conn.execute(f"create database {PRIVATE_DB}")
-        store = Store(Secret(pg.url(PRIVATE_DB)), pool_size=1)
-
-        async def setup() -> None:
-            try:
-                await migrate(store)
-            finally:
-                await store.close()
-
-        asyncio.run(setup())
+        create_migrated_database(pg.url("postgres"), PRIVATE_DB, pg.url(PRIVATE_DB))
         yield pg
     finally:
         pg.cleanup()
