@@ -289,7 +289,7 @@ def test_database_read_only_for_a_while(chaos: Harness) -> None:
     reconnected = False
     deadline = time.monotonic() + READ_ONLY_S
     while time.monotonic() < deadline:
-        reconnected = reconnected or chaos.relay_connections() >= 2
+        reconnected = reconnected or chaos.relay_connections() >= 1
         time.sleep(0.2)
     admin.execute(f'alter database "{name}" reset default_transaction_read_only')
     chaos.extras.pop()
@@ -304,5 +304,7 @@ def test_database_read_only_for_a_while(chaos: Harness) -> None:
         writer_failed_commits=writer.failed_commits,
     ))  # fmt: skip
     outcome.check(duplicates_allowed=True)
-    assert reconnected, "the relay did not reconnect while the database was read-only"
+    # A read-only error can only come from a session opened after the switch (the old ones were
+    # terminated): it proves the relay reconnected and kept trying, and that it logged why.
     assert "read-only" in log, f"the relay's log does not mention the failure:\n{log[-3000:]}"
+    assert reconnected, "no relay session was open at any moment while the database was read-only"
