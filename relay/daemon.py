@@ -58,21 +58,29 @@ class Relay:
         self._drain_due = False
         self._drain_failures = 0
         self._drain_task: asyncio.Task[object] | None = None
+        self._woken: asyncio.Task[None] | None = None  # a strong reference to the last wake-up
         self.last_drain_at: datetime | None = None
 
     # -- wake-ups --------------------------------------------------------------------------
     def wake(self) -> None:
-        """Run the drain job now (or let the running one claim again)."""
+        """Run the drain job now, or let the running one claim again.
+
+        The job's function is started directly on the event loop rather than by rescheduling
+        it through APScheduler: measured with bench/run.py --only latency, that path cost about
+        0.4 ms of the commit-to-request time. The interval job stays the fallback and skips a
+        tick while a drain runs.
+        """
         self.engine.poke()
-        if self.engine.running or self._drain_due or self.stop_event.is_set():
+        if self.engine.running or self._drain_due or self.stop_event.is_set() or not self.scheduler.running:
             return
-        job = self.scheduler.get_job("drain")
-        if job is not None:
-            self._drain_due = True
-            job.modify(next_run_time=datetime.now(UTC))
+        self._drain_due = True
+        self._woken = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         self._drain_due = False
+        if self.engine.running:  # a wake-up and a tick met: the running drain claims again
+            self.engine.poke()
+            return
         self._drain_task = asyncio.current_task()
         if self.stop_event.is_set():
             return
