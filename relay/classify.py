@@ -72,6 +72,7 @@ class Decision:
     error_message: str | None  # the API's message (at most 500 chars), or a transport description
     reason: str  # one human-readable line for last_error
     transient: bool  # counts as a failure for the target's circuit breaker
+    throttled: bool = False  # the API asked us to slow down (429): lower the target's rate
 
 
 def classify(
@@ -130,7 +131,8 @@ def classify(
         return settled(Verdict.DEAD, "dead", describe)
     if status in _RETRYABLE_4XX or 500 <= status < 600:
         failure = _Failure(code, api_message, describe)
-        return _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=status >= 500)
+        decision = _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=status >= 500)
+        return replace(decision, throttled=status == 429)
     # 1xx, 3xx, out-of-range statuses: nothing the API documents; retry, without assuming it landed.
     failure = _Failure(code, api_message, f"{describe} (unexpected status)")
     return _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=False)

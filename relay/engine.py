@@ -404,7 +404,7 @@ class Engine:
             )  # fmt: skip
         if decision.transient:
             lane.breaker.record_failure()
-            if status == 429 and lane.bucket is not None:
+            if decision.throttled and lane.bucket is not None:
                 lane.bucket.throttled()
         else:
             lane.breaker.record_success()

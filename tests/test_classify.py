@@ -485,3 +485,12 @@ def test_invariants(status: int | None, raw: bytes) -> None:
             assert not d.transient and not d.outcome_unknown
         assert d.error_message is None or len(d.error_message) <= 500
         assert d.reason and "\n" not in d.reason
+
+
+@pytest.mark.parametrize(("status", "throttled"), [(429, True), (503, False), (408, False), (204, False), (400, False)])
+def test_only_429_asks_to_slow_down(status: int, throttled: bool) -> None:
+    decision = classify(
+        Answer(status=status), attempts=0, earlier_unknown=False, created_at=NOW, now=NOW,
+        policy=POLICY, rand=lambda: 0.5, can_reauth=False,
+    )  # fmt: skip
+    assert decision.throttled is throttled
