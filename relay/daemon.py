@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -262,18 +261,8 @@ class Relay:
         log.info("stopped", extra={"delivered_or_dead": self.engine.delivered})
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def cmd_run(args: object, settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     relay = Relay(settings)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(relay.run())
+    asyncio.run(relay.run())
     return 0
