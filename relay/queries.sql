@@ -265,7 +265,8 @@ select (select count(*) from updates) as updates, (select count(*) from attempts
        (select max(finished_at) from doomed) as reached
 
 -- ops_purge_dead --
--- The same for old dead rows (purge --include-dead).
+-- The same for old dead rows (purge --include-dead). Kept apart from ops_purge_delivered so
+-- each statement matches its own partial index (delivered_at or dead_at) with a fixed predicate.
 with doomed as (
     select u.id, u.dead_at as finished_at
     from outbox.action_status_updates u

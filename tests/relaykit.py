@@ -120,3 +120,14 @@ def create_migrated_database(admin_url: str, name: str, url: str) -> None:
             await store.close()
 
     asyncio.run(setup())
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m relay ARGS`` as a user runs it: no RELAY_* from the test's own environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, env={**base, **(env or {})},
+        timeout=timeout,
+    )  # fmt: skip

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import psycopg
 
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, env={**base, **(env or {})},
-        timeout=60,
-    )  # fmt: skip
+from tests.relaykit import cli
 
 
 def test_migrate_creates_the_schema_then_changes_nothing(empty_database_url: str) -> None:

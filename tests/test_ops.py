@@ -8,10 +8,7 @@ The database is filled the way relays would have left it: rows enqueued through
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,16 +24,9 @@ from relay.migrations import latest_version
 from relay.ops import _scrub, purge, retry_dead
 from relay.settings import load_settings
 from relay.store import Store
+from tests.relaykit import cli
 
 LONG_BODY = '{"message": "' + "x" * 300 + ' END-OF-BODY"}'
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, env={**base, **(env or {})},
-        timeout=60,
-    )  # fmt: skip
 
 
 def add(

@@ -12,11 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -35,6 +32,7 @@ from relay.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Sandbox, San
 from relay.settings import Settings, check_url, load_settings
 from relay.store import Store
 from tests.relaykit import (
+    cli,
     expected_bodies,
     relay_env,
     relay_settings,
@@ -138,17 +136,6 @@ def client_secret_file(tmp_path: Path, secret: str = DEFAULT_CLIENT_SECRET) -> P
     path = tmp_path / "oauth-client-secret"
     path.write_text(secret + "\n")
     return path
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        env={**base, **env},
-        timeout=60,
-    )
 
 
 def put_times(sandbox: Sandbox) -> list[float]:
