@@ -66,13 +66,46 @@ class Lane:
     breaker: CircuitBreaker
     bucket: TokenBucket | None
     slots: asyncio.Semaphore
+    adaptive: bool = False  # the bucket was made by a 429, not by rate_limit
     held: int = 0
     exhausted: bool = False
     last_state: str = "serving"
+    # Requests sent, counted per second, so a 429 on a target without a rate limit has a rate
+    # to lower: the one we were sending at.
+    _window_start: float = 0.0
+    _window_sent: int = 0
+    _last_rate: float = 0.0
 
     @property
     def name(self) -> str:
         return self.settings.name
+
+    def count_request(self) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            elapsed = now - self._window_start
+            self._last_rate = self._window_sent / elapsed if self._window_start and elapsed < 2.0 else 0.0
+            self._window_start, self._window_sent = now, 0
+        self._window_sent += 1
+
+    def throttle(self) -> None:
+        """The API answered 429: lower the rate (halving, then recovering over time).
+
+        A target with ``rate_limit`` lowers its own bucket. One without gets an adaptive bucket
+        starting at the rate it was sending; it goes away once it has recovered to that rate.
+        """
+        if self.bucket is None:
+            in_window = self._window_sent / max(time.monotonic() - self._window_start, 0.1)
+            self.bucket = TokenBucket(max(1.0, self._last_rate, in_window))
+            self.adaptive = True
+        self.bucket.throttled()
+
+    def succeeded(self) -> None:
+        if self.bucket is None:
+            return
+        self.bucket.succeeded()
+        if self.adaptive and self.bucket.current_rate >= self.bucket.rate:
+            self.bucket, self.adaptive = None, False
 
     def state(self) -> tuple[str, str | None]:
         """For heartbeats: serving, paused (breaker open) or probing (half open)."""
@@ -319,6 +352,7 @@ class Engine:
                 return self._release(row, lane.breaker.retry_in()), []
             if lane.bucket is not None:
                 await lane.bucket.acquire()
+            lane.count_request()
             left = (row.lease_until - self.clock()).total_seconds()
             if left < lane.settings.request_timeout + LEASE_MARGIN or self._stopping:
                 lane.breaker.release_probe()
@@ -391,8 +425,7 @@ class Engine:
         }
         if decision.verdict == Verdict.DELIVERED:
             lane.breaker.record_success()
-            if lane.bucket is not None:
-                lane.bucket.succeeded()
+            lane.succeeded()
             self.delivered += 1
             self.observer.delivered(lane.name, (self.clock() - row.created_at).total_seconds())
             return RowResult(row.id, row.token, "delivered", **common)  # type: ignore[arg-type]
@@ -404,8 +437,8 @@ class Engine:
             )  # fmt: skip
         if decision.transient:
             lane.breaker.record_failure()
-            if decision.throttled and lane.bucket is not None:
-                lane.bucket.throttled()
+            if decision.throttled:
+                lane.throttle()
         else:
             lane.breaker.record_success()
         if decision.verdict == Verdict.DEAD:
