@@ -65,7 +65,8 @@ class Sent:
     duration_ms: float
 
 
-def _ssl_context(target: TargetSettings) -> ssl.SSLContext:
+def ssl_context(target: TargetSettings) -> ssl.SSLContext:
+    """Certificate verification always on; the target's CA bundle when it names one."""
     context = ssl.create_default_context(cafile=str(target.ca_bundle) if target.ca_bundle else None)
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
@@ -86,7 +87,7 @@ class ApiClient:
     ) -> None:
         self.target = target
         self._transport = transport
-        self._ssl = _ssl_context(target)
+        self._ssl = ssl_context(target)
         self._idle: list[httpx.AsyncClient] = []
         self._all: list[httpx.AsyncClient] = []
         self.http = self._new_client()  # for the token endpoint

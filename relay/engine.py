@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -416,25 +416,20 @@ class Engine:
     def _settle(
         self, lane: Lane, row: ClaimedRow, decision: Decision, requests: int, status: int | None
     ) -> RowResult:
-        common = {
-            "charged": 1 if decision.charged else 0,
-            "requests": requests,
-            "unknown": decision.outcome_unknown,
-            "http_status": status,
-            "last_error": None if decision.verdict == Verdict.DELIVERED else decision.reason,
-        }
+        result = RowResult(
+            row.id, row.token, "pending", decision.retry_at,
+            charged=1 if decision.charged else 0, requests=requests, unknown=decision.outcome_unknown,
+            http_status=status, last_error=None if decision.verdict == Verdict.DELIVERED else decision.reason,
+        )  # fmt: skip
         if decision.verdict == Verdict.DELIVERED:
             lane.breaker.record_success()
             lane.succeeded()
             self.delivered += 1
             self.observer.delivered(lane.name, (self.clock() - row.created_at).total_seconds())
-            return RowResult(row.id, row.token, "delivered", **common)  # type: ignore[arg-type]
-        if decision.verdict == Verdict.PAUSE:
+            return replace(result, state="delivered", retry_at=None)
+        if decision.verdict == Verdict.PAUSE:  # not charged: back to pending until the pause ends
             self._pause(lane, decision.reason)
-            return RowResult(
-                row.id, row.token, "pending", self.clock() + timedelta(seconds=lane.breaker.retry_in()),
-                requests=requests, http_status=status, last_error=decision.reason,
-            )  # fmt: skip
+            return replace(result, retry_at=self.clock() + timedelta(seconds=lane.breaker.retry_in()))
         if decision.transient:
             lane.breaker.record_failure()
             if decision.throttled:
@@ -448,8 +443,8 @@ class Engine:
                 "row dead-lettered",
                 extra={"action_id": row.action_id, "target": lane.name, "reason": decision.reason},
             )
-            return RowResult(row.id, row.token, "dead", **common)  # type: ignore[arg-type]
-        return RowResult(row.id, row.token, "pending", decision.retry_at, **common)  # type: ignore[arg-type]
+            return replace(result, state="dead", retry_at=None)
+        return result
 
     def _pause(self, lane: Lane, reason: str) -> None:
         if lane.breaker.state != BreakerState.OPEN:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import httpx
 
 from relay import report
 from relay.auth import token_source
+from relay.client import ssl_context
 from relay.errors import ConfigError, NotFound, RelayError, SchemaError
 from relay.migrations import latest_version
 from relay.settings import Settings, TargetSettings, parse_duration
@@ -343,15 +343,11 @@ def _public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def _ssl(target: TargetSettings) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(target.ca_bundle) if target.ca_bundle else None)
-
-
 async def _check_token(target: TargetSettings) -> Check:
     name = f"target {target.name}"
     if target.auth_kind == "none":
         return Check(name, False, f"{name}: no credentials (set a token or OAuth client)", configuration=True)
-    async with httpx.AsyncClient(timeout=target.request_timeout, verify=_ssl(target)) as http:
+    async with httpx.AsyncClient(timeout=target.request_timeout, verify=ssl_context(target)) as http:
         try:
             token = await token_source(target, http).token()
         except RelayError as exc:
