@@ -41,6 +41,7 @@ class Observer(Protocol):
     def delivered(self, target: str, commit_to_delivery_seconds: float) -> None: ...
     def dead(self, target: str) -> None: ...
     def circuit(self, target: str, state: str) -> None: ...
+    def unwritable(self, target: str) -> None: ...
 
 
 class _NoObserver:
@@ -54,6 +55,9 @@ class _NoObserver:
         pass
 
     def circuit(self, target: str, state: str) -> None:
+        pass
+
+    def unwritable(self, target: str) -> None:
         pass
 
 
@@ -70,6 +74,7 @@ class Lane:
     held: int = 0
     exhausted: bool = False
     last_state: str = "serving"
+    paused_since: float | None = None  # time.monotonic() when the target stopped serving
     # Requests sent, counted per second, so a 429 on a target without a rate limit has a rate
     # to lower: the one we were sending at.
     _window_start: float = 0.0
@@ -212,6 +217,9 @@ class Engine:
         self.running = False
         self.delivered = 0
         self.next_due: datetime | None = None  # the earliest retry this engine scheduled
+        # time.monotonic() of the last sign of progress: a claim that returned rows, an answer
+        # (or a transport error) received, results written. The daemon's health check reads it.
+        self.progress_at = time.monotonic()
         self.last_run_ok: datetime | None = None
 
     # -- control ---------------------------------------------------------------------------
@@ -463,3 +471,11 @@ class Engine:
 
     def lane_states(self) -> list[tuple[str, str, str | None]]:
         return [(name, *lane.state()) for name, lane in self.lanes.items()]
+
+    def paused_for(self) -> dict[str, float]:
+        """Seconds each target has not been serving (paused or probing) for, by name; serving
+        targets are left out."""
+        now = time.monotonic()
+        return {
+            name: now - lane.paused_since for name, lane in self.lanes.items() if lane.paused_since is not None
+        }
