@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from relay.classify import Answer, Decision, Verdict, classify
 from relay.client import ApiClient, Sent, request_body, truncate_body
 from relay.errors import AuthError, DatabaseError
 from relay.flow import BreakerState, CircuitBreaker, TokenBucket
+from relay.recorder import Recorder
 from relay.settings import Settings, TargetSettings
 from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
 
@@ -120,65 +121,6 @@ class Lane:
         if s == BreakerState.HALF_OPEN:
             return "probing", self.breaker.reason
         return "serving", None
-
-
-@dataclass
-class Recorder:
-    """Collects row results and attempt rows; writes them in batches."""
-
-    store: Store
-    relay_id: str
-    batch_size: int
-    results: list[RowResult] = field(default_factory=list)
-    attempts: list[AttemptRecord] = field(default_factory=list)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _since: float = 0.0  # time.monotonic() of the oldest result not yet written
-    failures: int = 0  # consecutive failed writes
-    _failed_at: float = 0.0
-
-    def add(self, result: RowResult | None, attempts: list[AttemptRecord]) -> None:
-        if result is not None:
-            if not self.results:
-                self._since = time.monotonic()
-            self.results.append(result)
-        self.attempts.extend(attempts)
-
-    def age(self) -> float:
-        return time.monotonic() - self._since if self.results else 0.0
-
-    @property
-    def pending(self) -> int:
-        return len(self.results)
-
-    def backing_off(self) -> bool:
-        """After a failed write, opportunistic flushes wait a second (the drain loop still tries)."""
-        return self.failures > 0 and time.monotonic() - self._failed_at < 1.0
-
-    async def flush(self) -> int:
-        """Write what was collected; on a database error keep it for the next flush and raise."""
-        async with self._lock:
-            if not self.results and not self.attempts:
-                return 0
-            results, attempts = self.results, self.attempts
-            self.results, self.attempts = [], []
-            try:
-                recorded = await self.store.record(results, attempts, self.relay_id)
-            except DatabaseError:
-                self.results[:0], self.attempts[:0] = results, attempts
-                self._since = min(self._since, time.monotonic()) if self._since else time.monotonic()
-                self.failures += 1
-                self._failed_at = time.monotonic()
-                raise
-            if self.failures:
-                log.info("results written again after %d failed attempts", self.failures)
-            self.failures = 0
-            lost = len(results) - recorded
-            if lost:
-                log.warning(
-                    "results discarded: the lease ran out and the rows were claimed again",
-                    extra={"rows": lost},
-                )
-            return recorded
 
 
 class Engine:
@@ -476,6 +418,5 @@ class Engine:
         """Seconds each target has not been serving (paused or probing) for, by name; serving
         targets are left out."""
         now = time.monotonic()
-        return {
-            name: now - lane.paused_since for name, lane in self.lanes.items() if lane.paused_since is not None
-        }
+        lanes = self.lanes.items()
+        return {name: now - lane.paused_since for name, lane in lanes if lane.paused_since is not None}
