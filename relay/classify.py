@@ -11,7 +11,8 @@ answer                                                 verdict    charged  unkno
 400 ``ACTION_ALREADY_FINAL`` / 404, earlier unknown    delivered  yes      no          no
 other 400, 404, other 4xx                              dead       yes      no          no
 401 (can renew the token)                              reauth     no       no          no
-401 (cannot renew), 403                                pause      no       no          no
+401 (cannot renew), 403, while others are refused too  pause      no       no          no
+401, 403, while other rows of the target are accepted  retry      yes      no          no
 408, 425, 429                                          retry      yes      no          yes
 5xx                                                    retry      yes      yes         yes
 no response, maybe sent / certainly not sent           retry      yes      yes / no    yes
@@ -19,6 +20,12 @@ anything else (1xx, 3xx, ...)                          retry      yes      no   
 =====================================================  =========  =======  ==========  =========
 
 A retry becomes ``dead`` once :func:`relay.retry.give_up_reason` says so for the attempt just made.
+A refusal (401/403) is the whole target's unless the caller saw the API accept another row of the
+same target after this request started (``others_accepted``): then it is this row's own, charged,
+retried with backoff and dead once the row's budget is spent, with the API's answer recorded.
+
+Every string in a :class:`Decision` is storable (:mod:`relay.sanitize`): the API's ``code`` and
+``message`` are cleaned and capped where they are parsed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from relay import retry
+from relay.sanitize import one_line, storable
 from relay.settings import RetrySettings
 
 __all__ = ["ALREADY_FINAL", "Answer", "Decision", "Verdict", "classify"]
@@ -85,6 +93,7 @@ def classify(
     policy: RetrySettings,
     rand: Callable[[], float],
     can_reauth: bool,
+    others_accepted: bool = False,
 ) -> Decision:
     """Decide what one answer means for its row.
 
@@ -124,6 +133,12 @@ def classify(
         return settled(Verdict.DELIVERED, "delivered_earlier", reason)
     if status == 401 and can_reauth:
         return settled(Verdict.REAUTH, "reauth", f"{describe}: renewing the token", charged=False)
+    if status in (401, 403) and others_accepted:
+        failure = _Failure(
+            code, api_message, f"{describe}: refused for this row only (other rows were accepted)"
+        )
+        decision = _retry(failure, answer, attempts, created_at, now, policy, rand, unknown=False)
+        return replace(decision, transient=False)
     if status in (401, 403):
         why = "credentials refused" if status == 401 else "token lacks permission"
         return settled(Verdict.PAUSE, "paused", f"{describe}: {why}, pausing the target", charged=False)
@@ -191,9 +206,9 @@ def _api_error(body: bytes) -> tuple[str | None, str | None]:
     if not isinstance(doc, dict):
         return None, None
     code, message = doc.get("code"), doc.get("message")
-    code = code.strip()[:CODE_LIMIT] if isinstance(code, str) and code.strip() else None
-    message = message[:MESSAGE_LIMIT] if isinstance(message, str) and message.strip() else None
-    return code, message
+    code = one_line(code, CODE_LIMIT) if isinstance(code, str) else None
+    message = storable(message, MESSAGE_LIMIT) if isinstance(message, str) else None
+    return code or None, message if message and message.strip() else None
 
 
 def _describe(status: int, code: str | None, message: str | None) -> str:

@@ -5,6 +5,12 @@ with sends: each target holds at most twice its concurrency in claimed rows, sen
 ``max_concurrency`` at once (rate-limited, behind its circuit breaker), and results are written
 in batches by a :class:`Recorder`, each write guarded by the claim's fencing token. Tests call
 ``run_once()`` directly; :mod:`relay.daemon` only decides when.
+
+A request leaves only when everything it needs fits in the row's lease: the rate limiter's wait,
+the token fetch and the request's own deadline (``request_timeout``). A row that cannot make it
+is released unsent, and a rate-limited target claims only what its limiter can release in time.
+Before a request leaves, its row is marked as being sent (:mod:`relay.sending`): that mark, not
+the claim, is what makes a row whose relay died "may have reached the API".
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from relay.classify import Answer, Decision, Verdict, classify
-from relay.client import ApiClient, Sent, request_body, truncate_body
+from relay.classify import Decision, Verdict, classify
+from relay.client import RESPONSE_BODY_LIMIT, ApiClient, Sent, request_body
 from relay.errors import AuthError, DatabaseError
 from relay.flow import BreakerState, CircuitBreaker, TokenBucket
 from relay.recorder import Recorder
+from relay.sanitize import one_line, storable_bytes
+from relay.sending import SendMarks
 from relay.settings import Settings, TargetSettings
 from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
 
@@ -33,6 +41,10 @@ log = logging.getLogger("relay.engine")
 LEASE_MARGIN = 1.0
 # An answer waits at most about this long for its batch: it must be written while the lease lasts.
 FLUSH_AFTER = LEASE_MARGIN / 4
+# Statuses the API answers only once it accepted the credentials: seen for one row, they show
+# that a 401/403 of another row sent before is that row's own refusal, not the whole target's.
+_PAST_AUTH = frozenset({400, 404, 409, 410, 422})
+_REFUSED_KEPT = 10_000
 
 
 class Observer(Protocol):
@@ -76,6 +88,18 @@ class Lane:
     exhausted: bool = False
     last_state: str = "serving"
     paused_since: float | None = None  # time.monotonic() when the target stopped serving
+    # time.monotonic() when the API last accepted this target's credentials (an answer that
+    # only comes after authentication): tells a 401/403 of one row from one of the whole target.
+    accepted_at: float = 0.0
+    # Rows whose 401/403 paused the target, and when (time.monotonic()): if the API accepts other
+    # rows after that, the next refusal of the same row is its own.
+    refused: dict[int, float] = field(default_factory=dict)
+
+    def refused_row(self, update_id: int, at: float) -> None:
+        if len(self.refused) >= _REFUSED_KEPT:  # keep the newest half; forgetting costs one pause
+            for old in sorted(self.refused, key=self.refused.__getitem__)[: _REFUSED_KEPT // 2]:
+                del self.refused[old]
+        self.refused.setdefault(update_id, at)
     # Requests sent, counted per second, so a 429 on a target without a rate limit has a rate
     # to lower: the one we were sending at.
     _window_start: float = 0.0
@@ -151,9 +175,11 @@ class Engine:
                 bucket=TokenBucket(target.rate_limit) if target.rate_limit else None,
                 slots=asyncio.Semaphore(target.max_concurrency),
             )
-        self.recorder = Recorder(store, settings.relay_id, settings.batch_size)
+        self.recorder = Recorder(store, settings.relay_id, settings.batch_size, self._unwritable)
+        self.marks = SendMarks(store)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sending: set[tuple[int, uuid.UUID]] = set()  # claims whose request may have left
+        # Claims whose request may have left: when it started, and its request number.
+        self._sending: dict[tuple[int, uuid.UUID], tuple[datetime, float, int]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self.running = False
@@ -161,8 +187,20 @@ class Engine:
         self.next_due: datetime | None = None  # the earliest retry this engine scheduled
         # time.monotonic() of the last sign of progress: a claim that returned rows, an answer
         # (or a transport error) received, results written. The daemon's health check reads it.
-        self.progress_at = time.monotonic()
+        self._progress_at = time.monotonic()
         self.last_run_ok: datetime | None = None
+
+    @property
+    def progress_at(self) -> float:
+        """time.monotonic() of the last sign of progress: a claim that returned rows, an answer
+        (or a transport error) received, results written."""
+        return max(self._progress_at, self.recorder.written_at)
+
+    def _progress(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def _unwritable(self, target: str) -> None:
+        self.observer.unwritable(target if target in self.lanes else "")
 
     # -- control ---------------------------------------------------------------------------
     def poke(self) -> None:
@@ -187,6 +225,8 @@ class Engine:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+        await self.marks.close()
+        await self.recorder.settle()
         for attempt in range(5):
             try:
                 await self.recorder.flush()
@@ -252,9 +292,18 @@ class Engine:
                 if lane.held:
                     continue  # the probe is out: wait for its answer
                 want = 1  # one probe decides whether the target is back
+            send_now = 0
+            if lane.bucket is not None:
+                want = min(want, self._rate_room(lane))
+                if want <= 0:
+                    continue
+            elif lane.breaker.state == BreakerState.CLOSED:
+                send_now = max(lane.settings.max_concurrency - lane.held, 0)
             rows = await self.store.claim(
-                lane.name, want, self.settings.lease, uuid.uuid4(), self.settings.relay_id
+                lane.name, want, self.settings.lease, uuid.uuid4(), self.settings.relay_id, send_now
             )
+            if rows:
+                self._progress()
             lane.exhausted = len(rows) < want
             full = full or (len(rows) == want and lane.breaker.state == BreakerState.CLOSED)
             for row in rows:
@@ -264,20 +313,31 @@ class Engine:
                 task.add_done_callback(self._tasks.discard)
         return full
 
+    def _rate_room(self, lane: Lane) -> int:
+        """How many more rows a rate-limited lane may hold: what its limiter can release while
+        a new lease lasts (leaving room for the request itself), minus what it holds already."""
+        assert lane.bucket is not None
+        usable = self.settings.lease - lane.settings.request_timeout - LEASE_MARGIN
+        room = int(lane.bucket.current_rate * max(usable, 0.0)) - lane.held
+        return room if lane.held else max(room, 1)
+
     async def _deliver(self, lane: Lane, row: ClaimedRow) -> None:
         try:
             result, attempts = await self._attempt(lane, row)
         except asyncio.CancelledError:
-            # Shutdown timeout: if the request may have been sent, let another claim find out.
-            unknown = (row.id, row.token) in self._sending
-            self.recorder.add(RowResult(row.id, row.token, "pending", self.clock(), unknown=unknown), [])
+            # Shutdown timeout: if the request may have been sent, say so, and let another claim
+            # find out what became of it.
+            self.recorder.add(*self._cut_off(lane, row, "Cancelled", "cut off at shutdown"))
             raise
         except Exception:
             log.exception("unexpected error while delivering", extra={"action_id": row.action_id})
-            result, attempts = self._release(row, delay=self.settings.retry.base_delay), []
+            result, attempts = self._cut_off(lane, row, "InternalError", "cut off by an internal error")
+            result = replace(
+                result, retry_at=self.clock() + timedelta(seconds=self.settings.retry.base_delay)
+            )
         finally:
             lane.held -= 1
-            self._sending.discard((row.id, row.token))
+            self._sending.pop((row.id, row.token), None)
         self.recorder.add(result, attempts)
         if result.state == "pending" and result.retry_at is not None:
             self.next_due = result.retry_at if self.next_due is None else min(self.next_due, result.retry_at)
@@ -294,6 +354,35 @@ class Engine:
     def _release(self, row: ClaimedRow, delay: float = 0.0) -> RowResult:
         return RowResult(row.id, row.token, "pending", self.clock() + timedelta(seconds=delay))
 
+    def _cut_off(
+        self, lane: Lane, row: ClaimedRow, code: str, why: str
+    ) -> tuple[RowResult, list[AttemptRecord]]:
+        """The row's delivery stopped half-way: released, and if its request may have left, an
+        attempt row with the outcome ``unknown`` says so."""
+        sending = self._sending.get((row.id, row.token))
+        if sending is None:
+            return self._release(row), []
+        started_at, start, number = sending
+        attempt = AttemptRecord(
+            update_id=row.id, claim_token=row.token, action_id=row.action_id, target=lane.name,
+            attempt=number, started_at=started_at, duration_ms=(time.perf_counter() - start) * 1000.0,
+            http_status=None, outcome="unknown", error_code=code,
+            error_message=f"the request was {why} before its answer arrived; it may have reached the API",
+            response_body=None,
+        )  # fmt: skip
+        result = RowResult(
+            row.id, row.token, "pending", self.clock(), requests=number - row.requests, unknown=True,
+            last_error=attempt.error_message,
+        )  # fmt: skip
+        return result, [attempt]
+
+    def _needs(self, lane: Lane) -> float:
+        """Lease seconds a request needs when it leaves: its deadline plus a margin to record it."""
+        return lane.settings.request_timeout + LEASE_MARGIN
+
+    def _left(self, row: ClaimedRow) -> float:
+        return (row.lease_until - self.clock()).total_seconds()
+
     async def _attempt(self, lane: Lane, row: ClaimedRow) -> tuple[RowResult, list[AttemptRecord]]:
         async with lane.slots:
             if self._stopping:
@@ -301,10 +390,13 @@ class Engine:
             if not lane.breaker.allow():
                 return self._release(row, lane.breaker.retry_in()), []
             if lane.bucket is not None:
+                wait = lane.bucket.wait_time()
+                if wait + self._needs(lane) > self._left(row):  # would outlive the lease: give it back
+                    lane.breaker.release_probe()
+                    return self._release(row, wait), []
                 await lane.bucket.acquire()
             lane.count_request()
-            left = (row.lease_until - self.clock()).total_seconds()
-            if left < lane.settings.request_timeout + LEASE_MARGIN or self._stopping:
+            if self._left(row) < self._needs(lane) or self._stopping:
                 lane.breaker.release_probe()
                 return self._release(row), []
             try:
@@ -312,36 +404,63 @@ class Engine:
             except AuthError as exc:
                 self._pause(lane, f"cannot get a token: {exc}")
                 return self._release(row, lane.breaker.retry_in()), []
+            if self._left(row) < self._needs(lane) or self._stopping:  # the token took long
+                lane.breaker.release_probe()
+                return self._release(row), []
+            if not row.marked and not await self.marks.mark((row.id, row.token)):
+                lane.breaker.release_probe()
+                return self._release(row, LEASE_MARGIN), []
             body = request_body(row.status, row.errors)
             attempts: list[AttemptRecord] = []
-            self._sending.add((row.id, row.token))
-            sent = await lane.client.put(row.action_id, body, token)
-            decision = self._classify(lane, row, sent.answer, can_reauth=lane.client.tokens.can_renew)
+            sent, begun = await self._send(lane, row, body, token, len(attempts))
+            decision = self._classify(lane, row, sent, begun, can_reauth=lane.client.tokens.can_renew)
             if decision.verdict == Verdict.REAUTH:
                 attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
                 try:
                     fresh = await lane.client.tokens.renew(token)
                 except AuthError as exc:
                     fresh = None
-                    log.error("token renewal failed", extra={"target": lane.name, "error": str(exc)})
+                    log.error(
+                        "token renewal failed", extra={"target": lane.name, "error": one_line(exc, 500)}
+                    )
                 if fresh and fresh != token:
-                    sent = await lane.client.put(row.action_id, body, fresh)
-                    decision = self._classify(lane, row, sent.answer, can_reauth=False)
-                else:
-                    decision = self._classify(lane, row, sent.answer, can_reauth=False)
+                    if self._left(row) < self._needs(lane) or self._stopping:  # the renewal took long
+                        released = RowResult(
+                            row.id, row.token, "pending", self.clock(), requests=len(attempts),
+                            http_status=sent.answer.status, last_error=decision.reason,
+                        )  # fmt: skip
+                        return released, attempts
+                    sent, begun = await self._send(lane, row, body, fresh, len(attempts))
+                decision = self._classify(lane, row, sent, begun, can_reauth=False)
             attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
             return self._settle(lane, row, decision, len(attempts), sent.answer.status), attempts
 
-    def _classify(self, lane: Lane, row: ClaimedRow, answer: Answer, *, can_reauth: bool) -> Decision:
+    async def _send(
+        self, lane: Lane, row: ClaimedRow, body: bytes, token: str | None, made: int
+    ) -> tuple[Sent, float]:
+        """One PUT; returns what came back and when (time.monotonic()) it started."""
+        begun = time.monotonic()
+        self._sending[(row.id, row.token)] = (datetime.now(UTC), time.perf_counter(), row.requests + made + 1)
+        sent = await lane.client.put(row.action_id, body, token)
+        self._progress()
+        status = sent.answer.status
+        if status is not None and (200 <= status < 300 or status in _PAST_AUTH):
+            lane.accepted_at = time.monotonic()
+        return sent, begun
+
+    def _classify(
+        self, lane: Lane, row: ClaimedRow, sent: Sent, begun: float, *, can_reauth: bool
+    ) -> Decision:
         return classify(
-            answer,
+            sent.answer,
             attempts=row.attempts,
             earlier_unknown=row.outcome_unknown,
-            created_at=row.created_at,
+            created_at=row.budget_from,
             now=self.clock(),
             policy=self.settings.retry,
             rand=self.rand,
             can_reauth=can_reauth,
+            others_accepted=lane.accepted_at > min(begun, lane.refused.get(row.id, begun)),
         )
 
     def _attempt_row(
@@ -360,7 +479,7 @@ class Engine:
             outcome=decision.outcome,
             error_code=decision.error_code,
             error_message=decision.error_message,
-            response_body=truncate_body(sent.answer.body),
+            response_body=storable_bytes(sent.answer.body, RESPONSE_BODY_LIMIT) or None,
         )
 
     def _settle(
@@ -377,9 +496,15 @@ class Engine:
             self.delivered += 1
             self.observer.delivered(lane.name, (self.clock() - row.created_at).total_seconds())
             return replace(result, state="delivered", retry_at=None)
+        if decision.verdict in (Verdict.DELIVERED, Verdict.DEAD):
+            lane.refused.pop(row.id, None)
         if decision.verdict == Verdict.PAUSE:  # not charged: back to pending until the pause ends
+            lane.refused_row(row.id, time.monotonic())
             self._pause(lane, decision.reason)
-            return replace(result, retry_at=self.clock() + timedelta(seconds=lane.breaker.retry_in()))
+            # A little after the pause ends, so that another row probes first: if this refusal is
+            # the row's own, the probe succeeds, and this row is then judged among accepted ones.
+            later = lane.breaker.retry_in() + self.settings.breaker.open_for
+            return replace(result, retry_at=self.clock() + timedelta(seconds=later))
         if decision.transient:
             lane.breaker.record_failure()
             if decision.throttled:
@@ -405,6 +530,7 @@ class Engine:
         state, reason = lane.state()
         if state != lane.last_state:
             lane.last_state = state
+            lane.paused_since = None if state == "serving" else (lane.paused_since or time.monotonic())
             self.observer.circuit(lane.name, lane.breaker.state.value)
             if state == "serving":
                 log.info("target resumed", extra={"target": lane.name})

@@ -10,7 +10,8 @@ with ``raise ... from exc``, so callers only ever catch these::
     ├── ConflictingUpdate           the action already has a different outcome queued (exit 2)
     ├── NotFound                    no such action / row (exit 1)
     ├── DatabaseError               PostgreSQL unreachable or failed (exit 1)
-    │   └── SchemaError             schema missing, too old, or a migration file changed (exit 1)
+    │   ├── SchemaError             schema missing, too old, or a migration file changed (exit 1)
+    │   └── WriteRefused            PostgreSQL answered but refused to store these values (exit 1)
     └── AuthError                   a token could not be obtained (exit 1)
 
 The command line turns any of them into one line on stderr and ``exit_code``.
@@ -55,6 +56,11 @@ class DatabaseError(RelayError):
 
 class SchemaError(DatabaseError):
     """The outbox schema is missing, out of date, or an applied migration changed."""
+
+
+class WriteRefused(DatabaseError):
+    """PostgreSQL is there but refused a write for what it holds (a value it cannot store, a
+    constraint, a row that is gone): retrying the same values is pointless, other values may pass."""
 
 
 class AuthError(RelayError):

@@ -113,6 +113,13 @@ class TokenBucket:
             self._tokens = min(self._burst, self._tokens + elapsed * self._current)
             self._last_refill = now
 
+    def wait_time(self) -> float:
+        """The seconds :meth:`reserve` would ask to wait if called now (takes nothing)."""
+        now = self._clock()
+        self._refill(now)
+        tokens = self._tokens - 1.0
+        return 0.0 if tokens >= 0 else -tokens / self._current
+
     def reserve(self) -> float:
         """Take one token; return the seconds to wait before using it (0 if one is ready)."""
         now = self._clock()

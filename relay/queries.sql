@@ -33,8 +33,15 @@ select to_regclass('outbox.schema_migrations') is not null as present
 select outbox.enqueue_action_status(:action_id, :status, cast(:errors as jsonb), :target) as id
 
 -- updates_claim --
-with due as (
-    select id
+-- Claims due rows for one target under a new lease and token. The first :send_now rows are
+-- also marked as being sent (sending_at), since the relay sends them at once; the rest are
+-- marked by updates_mark_sending when their turn comes. A row re-claimed after a lease ran
+-- out while it was marked may have reached the API: it becomes outcome_unknown, and an
+-- attempt row with the outcome 'unknown' says so. A row whose lease ran out unmarked never
+-- left: nothing about it changes but its claim.
+with locked as (
+    select id, state = 'in_flight' and sending_at is not null as lost, sending_at, claimed_by,
+           next_attempt_at
     from outbox.action_status_updates
     where target = :target
       and state in ('pending', 'in_flight')
@@ -42,17 +49,40 @@ with due as (
     order by next_attempt_at
     limit :limit
     for update skip locked
+), due as (
+    select locked.*, row_number() over (order by next_attempt_at, id) as place from locked
+), claimed as (
+    update outbox.action_status_updates u
+    set state = 'in_flight',
+        outcome_unknown = u.outcome_unknown or due.lost,
+        requests = u.requests + case when due.lost then 1 else 0 end,
+        next_attempt_at = now() + make_interval(secs => :lease),
+        claim_token = :token,
+        claimed_by = :relay_id,
+        sending_at = case when due.place <= :send_now then now() end
+    from due
+    where u.id = due.id
+    returning u.id, u.action_id, u.status, u.errors, u.target, u.attempts, u.requests,
+              u.created_at, coalesce(u.requeued_at, u.created_at) as budget_from, u.outcome_unknown,
+              u.next_attempt_at as lease_until, u.sending_at is not null as marked
+), lost as (
+    insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
+        duration_ms, http_status, outcome, error_code, error_message, relay_id)
+    select c.id, c.action_id, c.target, c.requests, due.sending_at, 0, null, 'unknown', 'LeaseExpired',
+           'the relay that sent this request stopped or lost its lease before recording an answer; '
+           || 'the request may have reached the API', coalesce(due.claimed_by, :relay_id)
+    from claimed c join due on due.id = c.id
+    where due.lost
 )
+select * from claimed
+
+-- updates_mark_sending --
+-- Just before requests leave: marks the rows (still under their claims) as possibly sent.
 update outbox.action_status_updates u
-set state = 'in_flight',
-    outcome_unknown = u.outcome_unknown or u.state = 'in_flight',
-    next_attempt_at = now() + make_interval(secs => :lease),
-    claim_token = :token,
-    claimed_by = :relay_id
-from due
-where u.id = due.id
-returning u.id, u.action_id, u.status, u.errors, u.target, u.attempts, u.requests,
-          u.created_at, u.outcome_unknown, u.next_attempt_at as lease_until
+set sending_at = now()
+from unnest(cast(:ids as bigint[]), cast(:tokens as uuid[])) as m(id, token)
+where u.id = m.id and u.claim_token = m.token
+returning u.id
 
 -- updates_record --
 with r as (
@@ -75,7 +105,8 @@ with r as (
         last_http_status = case when r.requests > 0 then r.http_status else u.last_http_status end,
         last_error = case when r.requests > 0 then r.last_error else u.last_error end,
         claim_token = null,
-        claimed_by = null
+        claimed_by = null,
+        sending_at = null
     from r
     where u.id = r.id and u.claim_token = r.token
     returning u.id, r.token

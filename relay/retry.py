@@ -64,12 +64,14 @@ def retry_delay(
 ) -> float:
     """Seconds to wait before the next attempt after the ``attempts``-th failure.
 
-    A server-given ``retry_after`` (from :func:`parse_retry_after`) wins, clamped to
-    ``[0, max_delay]``; otherwise :func:`backoff_delay`.
+    The longer of :func:`backoff_delay` and a server-given ``retry_after`` (from
+    :func:`parse_retry_after`), never more than ``max_delay``: a server asking for 1 s cannot make
+    a row burn its attempts faster than the backoff would, and one asking for a day is capped.
     """
+    backoff = backoff_delay(attempts, policy, rand)
     if retry_after is None or math.isnan(retry_after):
-        return backoff_delay(attempts, policy, rand)
-    return min(max(retry_after, 0.0), policy.max_delay)
+        return backoff
+    return min(max(retry_after, backoff), policy.max_delay)
 
 
 def give_up_reason(attempts: int, created_at: datetime, now: datetime, policy: RetrySettings) -> str | None:

@@ -7,7 +7,9 @@ It serves, on plain HTTP (loopback by default), what the relay talks to:
     ``Authorization: Bearer`` token (static, or issued by the token endpoint and not yet
     expired) else 401; a forced status (:meth:`Sandbox.force_status`); injected faults;
     the body (``status`` SUCCESS/FAILED, ``errors`` as the API documents them) else 400
-    ``INVALID_INPUT``; ids starting with ``unknown_prefix`` get 404 ``ACTION_NOT_FOUND``; an
+    ``INVALID_INPUT``; ids starting with ``forbidden_prefix`` get 403 ``FORBIDDEN`` (a token
+    that may not report on that one action); ids starting with ``unknown_prefix`` get 404
+    ``ACTION_NOT_FOUND``; an
     action already applied gets 400 ``ACTION_ALREADY_FINAL``; anything else is applied: 204.
 ``POST /oauth/token``
     OAuth2 client credentials (form fields, or HTTP Basic for the client). Tokens expire
@@ -157,6 +159,7 @@ class SandboxConfig:
     oauth_clients: Mapping[str, str] = field(default_factory=_default_clients)
     token_lifetime: float = 3600.0
     unknown_prefix: str = "unknown-"
+    forbidden_prefix: str = "forbidden-"  # ids the token may not report on: 403, the row's own
     faults: Faults = field(default_factory=Faults)
     seed: int | None = None
     log_path: str | Path | None = None
@@ -492,6 +495,10 @@ class Sandbox:
             fault = None if forced is not None else faults.draw(self._rng)
         return _Plan(forced, fault, faults.latency, faults.retry_after, faults.hang_seconds)
 
+    def _is_forbidden(self, action_id: str) -> bool:
+        prefix = self.config.forbidden_prefix
+        return bool(prefix) and action_id.startswith(prefix)
+
     def _is_unknown(self, action_id: str) -> bool:
         prefix = self.config.unknown_prefix
         return bool(prefix) and action_id.startswith(prefix)
@@ -661,6 +668,8 @@ class _Handler(BaseHTTPRequestHandler):
         update, problems = validate_update(body)
         if problems:
             self._api_error(400, "INVALID_INPUT", "the request body is invalid", problems)
+        elif self._sandbox._is_forbidden(action_id):
+            self._api_error(403, "FORBIDDEN", f"this token may not report on action {action_id!r}")
         elif self._sandbox._is_unknown(action_id):
             self._api_error(404, "ACTION_NOT_FOUND", f"action {action_id!r} does not exist or has expired")
         elif not self._sandbox._apply(action_id, update):

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError
+from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError, WriteRefused
 from relay.settings import Secret
 
 NOTIFY_CHANNEL = "outbox_action_status"
@@ -65,14 +65,16 @@ class ClaimedRow:
     attempts: int
     requests: int
     created_at: datetime
+    budget_from: datetime  # when the retry budget (retry.max_age) started: created or re-queued
     outcome_unknown: bool
     lease_until: datetime
+    marked: bool  # the claim already marked it as being sent (sending_at)
     token: UUID
 
 
 _CLAIM_COLUMNS = (
     "id", "action_id", "status", "errors", "target", "attempts", "requests",
-    "created_at", "outcome_unknown", "lease_until",
+    "created_at", "budget_from", "outcome_unknown", "lease_until", "marked",
 )  # fmt: skip
 
 
@@ -137,6 +139,9 @@ def _translate(exc: BaseException) -> Exception:
         isinstance(orig, psycopg.errors.UndefinedFunction) and "outbox." in str(orig)
     ):
         return SchemaError("the outbox schema is missing or incomplete: run `outbox-relay migrate`")
+    if isinstance(orig, psycopg.errors.DataError | psycopg.errors.IntegrityError):
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        return WriteRefused(f"database refused the values: {first}")
     if isinstance(orig, psycopg.Error):
         first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
         return DatabaseError(f"database error: {first}")
@@ -239,23 +244,53 @@ class Store:
 
     # -- the relay -------------------------------------------------------------------------
     async def claim(
-        self, target: str, limit: int, lease: float, token: UUID, relay_id: str
+        self, target: str, limit: int, lease: float, token: UUID, relay_id: str, send_now: int = 0
     ) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due rows; the first ``send_now`` are marked as being sent."""
         rows = await self._rows(
             "updates_claim",
-            {"target": target, "limit": limit, "lease": lease, "token": token, "relay_id": relay_id},
+            {
+                "target": target, "limit": limit, "lease": lease, "token": token, "relay_id": relay_id,
+                "send_now": send_now,
+            },
+        )  # fmt: skip
+        claimed = [ClaimedRow(**{k: r[k] for k in _CLAIM_COLUMNS}, token=token) for r in rows]
+        return sorted(claimed, key=lambda row: not row.marked)
+
+    async def mark_sending(self, rows: Sequence[tuple[int, UUID]]) -> set[int]:
+        """Mark claimed rows as being sent, before their requests leave; returns the ids still
+        held under their claims (a row missing from the answer must not be sent)."""
+        if not rows:
+            return set()
+        found = await self._rows(
+            "updates_mark_sending", {"ids": [r[0] for r in rows], "tokens": [r[1] for r in rows]}
         )
-        return [
-            ClaimedRow(**{k: r[k] for k in _CLAIM_COLUMNS}, token=token)
-            for r in rows
-        ]
+        return {int(r["id"]) for r in found}
 
     async def record(
         self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
     ) -> int:
-        """Write results guarded by their claim tokens, plus attempt rows; returns rows updated."""
+        """Write results guarded by their claim tokens, plus attempt rows; returns rows updated.
+
+        Raises :class:`WriteRefused` when PostgreSQL answered but would not store these values
+        (the caller then writes them one by one), :class:`DatabaseError` when it is unreachable.
+        """
         if not results and not attempts:
             return 0
+        try:
+            return await self._record(results, attempts, relay_id)
+        except WriteRefused:
+            raise
+        except (InvalidUpdate, SchemaError) as exc:
+            raise WriteRefused(str(exc)) from exc
+        except DatabaseError:
+            raise
+        except Exception as exc:  # the driver could not even encode a value
+            raise WriteRefused(f"results could not be encoded: {type(exc).__name__}") from exc
+
+    async def _record(
+        self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
+    ) -> int:
         params: dict[str, Any] = {
             "relay_id": relay_id,
             "ids": [r.id for r in results],

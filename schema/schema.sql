@@ -61,6 +61,7 @@ create table outbox.action_status_updates (
     claimed_by       text,
     requeued_at      timestamptz,
     requeue_reason   text,
+    sending_at       timestamptz,
     constraint action_status_updates_target_action_id_key unique (target, action_id),
     constraint action_id_length check (char_length(action_id) between 1 and 255),
     constraint action_id_printable check (
@@ -86,6 +87,8 @@ comment on column outbox.action_status_updates.outcome_unknown is
     'An earlier request may have been applied without its answer being seen.';
 comment on column outbox.action_status_updates.claim_token is
     'Fencing token of the current claim: a result is recorded only under the same token.';
+comment on column outbox.action_status_updates.sending_at is
+    'Set just before the current claim''s request is sent; a claim that expires with it set may have reached the API.';
 
 -- What a relay claims: due rows per target. Finished rows are not in it, so the claim's
 -- cost does not grow with history.
@@ -255,14 +258,17 @@ create table outbox.delivery_attempts (
     relay_id      text not null,
     constraint attempt_positive check (attempt >= 1),
     constraint outcome_known check (
-        outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded')),
+        outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded',
+                    'unknown')),
     constraint response_body_max_4kib check (octet_length(response_body) <= 4096)
 );
 comment on column outbox.delivery_attempts.attempt is 'Request number for this update: 1, 2, ...';
 comment on column outbox.delivery_attempts.outcome is
     'delivered; delivered_earlier (an earlier unknown attempt had landed); retry; dead; '
     'reauth (401, token renewed); paused (target paused, no attempt charged); '
-    'superseded (answer arrived after the lease was lost, not recorded on the update)';
+    'superseded (answer arrived after the lease was lost, not recorded on the update); '
+    'unknown (the request may have reached the API but no answer was recorded: the relay stopped, '
+    'or the request was cut off)';
 create index delivery_attempts_update_id on outbox.delivery_attempts (update_id, attempt);
 
 -- What each running relay does with each target; read by `outbox-relay status`.
@@ -328,7 +334,7 @@ begin
         grant select, delete on outbox.action_status_updates to outbox_relay;
         grant update (state, attempts, next_attempt_at, delivered_at, dead_at, last_error,
                       last_http_status, requests, outcome_unknown, claim_token, claimed_by,
-                      requeued_at, requeue_reason)
+                      requeued_at, requeue_reason, sending_at)
             on outbox.action_status_updates to outbox_relay;
         grant select, insert, delete on outbox.delivery_attempts to outbox_relay;
         grant select, insert, update, delete on outbox.relay_targets to outbox_relay;

@@ -36,9 +36,11 @@ def decide(
     created_at: datetime = CREATED,
     rand: Callable[[], float] = lambda: 0.0,
     can_reauth: bool = True,
+    others_accepted: bool = False,
 ) -> Decision:
     return classify(
         answer,
+        others_accepted=others_accepted,
         attempts=attempts,
         earlier_unknown=earlier_unknown,
         created_at=created_at,
@@ -263,8 +265,8 @@ def test_reason_and_message(
             id="Retry-After seconds",
         ),
         pytest.param(
-            Answer(429, retry_after="2.5"), 3, const(0.0), 2.5, "HTTP 429, retrying in 2.5s",
-            id="Retry-After decimal below backoff",
+            Answer(429, retry_after="2.5"), 3, const(0.0), 8.0, "HTTP 429, retrying in 8s",
+            id="Retry-After below the backoff: the backoff",
         ),
         pytest.param(
             Answer(429, retry_after="3600"), 0, const(0.0), 60.0, "HTTP 429, retrying in 1m",
@@ -279,8 +281,8 @@ def test_reason_and_message(
             "HTTP 503, retrying in 1m", id="Retry-After far date capped at max_delay",
         ),
         pytest.param(
-            Answer(503, retry_after="Wed, 01 May 2024 11:59:00 GMT"), 0, const(0.0), 0.0,
-            "HTTP 503, retrying in 0s", id="Retry-After past date: at once",
+            Answer(503, retry_after="Wed, 01 May 2024 11:59:00 GMT"), 0, const(0.0), 1.0,
+            "HTTP 503, retrying in 1s", id="Retry-After past date: the backoff",
         ),
         pytest.param(
             Answer(503, retry_after="soon"), 2, const(0.0), 4.0, "HTTP 503, retrying in 4s",
@@ -426,7 +428,7 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
             id="message only",
         ),
         pytest.param(
-            400, body(code="X" * 1000), False, Verdict.DEAD, "X" * 100, None, id="huge code truncated"
+            400, body(code="X" * 1000), False, Verdict.DEAD, "X" * 99 + "…", None, id="huge code truncated"
         ),
     ],
 )  # fmt: skip
@@ -441,8 +443,39 @@ def test_lenient_bodies(
 
 def test_long_message_is_truncated_to_500_characters() -> None:
     decision = decide(Answer(400, body(code="INVALID_INPUT", message="é" * 2000)))
-    assert decision.error_message == "é" * 500
-    assert decision.reason == "HTTP 400 INVALID_INPUT: " + "é" * 500
+    assert decision.error_message == "é" * 499 + "…"
+    assert decision.reason == "HTTP 400 INVALID_INPUT: " + "é" * 499 + "…"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"code": "BAD\\u0000CODE", "message": "nul \\u0000 inside"}', id="NUL escapes"),
+        pytest.param(b'{"code": "X", "message": "lone \\ud800 surrogate"}', id="lone surrogate"),
+        pytest.param(b'{"code": "X", "message": "\\udfff\\ud800"}', id="reversed pair"),
+        pytest.param(b"<html>\x00\x00 error</html>", id="raw NUL, not JSON"),
+        pytest.param(b'{"code": "X", "message": "\xff\xfe bad utf-8"}', id="invalid UTF-8"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="100,000-deep nesting"),
+    ],
+)
+def test_every_string_of_a_hostile_body_is_storable(raw: bytes) -> None:
+    decision = decide(Answer(400, raw))
+    assert decision.verdict == Verdict.DEAD
+    for text in (decision.error_code, decision.error_message, decision.reason):
+        if text is not None:
+            assert "\x00" not in text
+            text.encode("utf-8")  # raises on a lone surrogate
+
+
+def test_a_refusal_of_one_row_while_others_are_accepted_is_charged_and_ends_dead() -> None:
+    answer = Answer(403, body(code="FORBIDDEN", message="not your store"))
+    first = decide(answer, others_accepted=True)
+    assert (first.verdict, first.charged, first.transient) == (Verdict.RETRY, True, False)
+    assert "refused for this row only" in first.reason
+    last = decide(answer, attempts=POLICY.max_attempts - 1, others_accepted=True)
+    assert (last.verdict, last.error_code, last.error_message) == (Verdict.DEAD, "FORBIDDEN", "not your store")
+    target_wide = decide(answer, others_accepted=False)
+    assert (target_wide.verdict, target_wide.charged) == (Verdict.PAUSE, False)
 
 
 def test_multiline_message_becomes_one_line_in_the_reason() -> None:

@@ -145,23 +145,24 @@ def test_parse_retry_after_absurd_digit_count_is_huge_not_an_error() -> None:
         pytest.param(3, 0.0, float("nan"), 4.0, id="NaN Retry-After: backoff"),
         pytest.param(3, 0.0, 10.0, 10.0, id="Retry-After honoured"),
         pytest.param(1, 0.0, 45.5, 45.5, id="Retry-After above the backoff is honoured"),
-        pytest.param(20, ALMOST_ONE, 0.5, 0.5, id="Retry-After below the backoff is honoured"),
+        pytest.param(20, ALMOST_ONE, 0.5, 60.0, id="Retry-After below the backoff: the backoff"),
+        pytest.param(3, 0.0, 1.0, 4.0, id="Retry-After 1 s cannot shorten a 4 s backoff"),
         pytest.param(3, 0.0, 60.0, 60.0, id="Retry-After equal to max_delay"),
         pytest.param(3, 0.0, 3600.0, 60.0, id="Retry-After capped at max_delay"),
         pytest.param(3, 0.0, math.inf, 60.0, id="infinite Retry-After capped"),
-        pytest.param(3, 0.0, 0.0, 0.0, id="Retry-After zero: at once"),
-        pytest.param(3, 0.0, -3.0, 0.0, id="negative Retry-After: not below zero"),
+        pytest.param(3, 0.0, 0.0, 4.0, id="Retry-After zero: the backoff"),
+        pytest.param(3, 0.0, -3.0, 4.0, id="negative Retry-After: the backoff"),
     ],
 )
 def test_retry_delay(attempts: int, rand: float, retry_after: float | None, expected: float) -> None:
     assert retry_delay(attempts, POLICY, const(rand), retry_after) == pytest.approx(expected)
 
 
-def test_retry_delay_does_not_draw_jitter_when_the_server_said_when() -> None:
-    def rand() -> float:
-        raise AssertionError("rand() must not be called")
-
-    assert retry_delay(3, POLICY, rand, 7.0) == 7.0
+def test_a_5xx_with_retry_after_1_cannot_burn_the_attempts_in_seconds() -> None:
+    # Five failures each answered "Retry-After: 1": the waits follow the backoff, not the header.
+    waits = [retry_delay(n, POLICY, const(0.0), 1.0) for n in range(1, 6)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert sum(waits) > 5 * 1.0
 
 
 # --- give_up_reason -----------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""A slow rate never starves a target: rows are claimed only as fast as the limiter can send them.
+
+Before, every row took a concurrency slot, waited for a token, and only then looked at its lease:
+at a low rate each wait outlived the lease, the row was released unsent with its token spent,
+and nothing was ever delivered. These tests run the engine against the sandbox on loopback and
+measure the drain; the rate limiter, not the machine, sets the time, so the bounds hold on slow
+machines too (the slowest leg, one loopback PUT, takes milliseconds against 200-500 ms per token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+
+from relay.engine import Engine
+from relay.sandbox import Faults, Sandbox, SandboxConfig
+from relay.settings import BreakerSettings
+from relay.store import Store
+from tests.relaykit import relay_settings, sample_updates, seed_rows, states
+
+
+async def _delivered(url: str) -> int:
+    return (await asyncio.to_thread(states, url)).get("delivered", 0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("rate", [2, 5])
+async def test_a_low_rate_limit_drains_40_rows_in_40_over_rate_seconds(database_url: str, rate: int) -> None:
+    total = 40
+    expected = total / rate
+    with Sandbox(SandboxConfig(seed=2)) as sb:
+        # The defaults a user would keep: concurrency 64, batch 100; a short lease (8 s) makes the
+        # old failure certain: 64 rows in line at 2/s need 32 s, four times the lease.
+        settings = relay_settings(database_url, sb.url, RELAY_RATE_LIMIT=str(rate), RELAY_MAX_CONCURRENCY="64")
+        seed_rows(database_url, sample_updates(total, prefix=f"slow{rate}"))
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        try:
+            started = time.monotonic()
+            while await _delivered(database_url) < total:
+                assert time.monotonic() - started < expected * 3, "the rate-limited drain stalled"
+                await engine.run_once()
+            took = time.monotonic() - started
+        finally:
+            await engine.close()
+            await store.close()
+    assert sb.status_counts[204] == total and max(sb.apply_count.values()) == 1
+    assert sb.request_total == total  # no request wasted, none sent twice
+    print(f"\n[rate] {total} rows at rate_limit {rate}/s: {took:.2f}s (40/rate = {expected:.1f}s)")
+    assert abs(took - expected) <= 0.15 * expected, took
+
+
+@pytest.mark.timeout(180)
+async def test_after_a_burst_of_429_a_target_without_a_limit_recovers_its_rate(database_url: str) -> None:
+    with Sandbox(SandboxConfig(seed=4, faults=Faults(p429=1.0, retry_after=0))) as sb:
+        settings = relay_settings(
+            database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="1000", RELAY_RETRY_MAX_DELAY="0.2"
+        )
+        settings = replace(settings, breaker=BreakerSettings(failure_threshold=10_000))  # isolate the rate
+        seed_rows(database_url, sample_updates(3, prefix="first"))
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        lane = engine.lanes["default"]
+        try:
+            # A few seconds of nothing but 429: the adaptive bucket halves, down to its floor.
+            started = time.monotonic()
+            while time.monotonic() - started < 6:
+                await engine.run_once()
+                await asyncio.sleep(0.05)
+            assert lane.bucket is not None and lane.adaptive
+            assert lane.bucket.current_rate <= lane.bucket.rate / 4, lane.bucket
+            # The API is fine again, and 300 more rows arrive.
+            sb.set_faults(Faults())
+            seed_rows(database_url, sample_updates(300, prefix="after"))
+            started = time.monotonic()
+            while await _delivered(database_url) < 303:
+                assert time.monotonic() - started < 90, "the relay never recovered its rate"
+                await engine.run_once()
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - started
+        finally:
+            await engine.close()
+            await store.close()
+    assert max(sb.apply_count.values()) == 1
+    assert lane.bucket is None and not lane.adaptive  # the adaptive limit went away once recovered
+    print(f"\n[429] recovered from the floor and drained 300 rows in {took:.1f}s")
