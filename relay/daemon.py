@@ -3,6 +3,11 @@
 The drain job runs on an interval (``poll_interval``, the fallback) with ``max_instances=1``
 and coalescing; a dedicated LISTEN connection wakes it as soon as a writer commits. Losing
 that connection only costs latency: polling goes on while it reconnects.
+
+Health (``/healthz``, and whether the heartbeat feeds the systemd watchdog) means progress: a
+drain that runs is healthy only while it keeps making progress (:func:`stall_after`); when none
+runs, the last one must have completed recently. A target paused for long is logged again on
+a schedule (:func:`pause_alerts_due`), and its pause shows in ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from bisect import bisect_right
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -20,6 +28,7 @@ from relay.errors import DatabaseError, RelayError, SchemaError
 from relay.logs import configure_logging
 from relay.metrics import Metrics, MetricsServer
 from relay.migrations import latest_version
+from relay.retry import human_duration
 from relay.sdnotify import Notifier
 from relay.settings import Settings
 from relay.store import Store
@@ -27,6 +36,37 @@ from relay.store import Store
 log = logging.getLogger("relay.daemon")
 
 HEARTBEAT_SECONDS = 10.0
+# What a drain may go without progress on top of the lease: a slow database write (stall_after).
+STALL_SLACK = 30.0
+# A target paused this long (seconds) is logged again: at 5 min, 15 min, 1 h, then every hour.
+PAUSE_ALERTS = (300.0, 900.0, 3600.0)
+PAUSE_ALERT_EVERY = 3600.0
+
+
+def stall_after(settings: Settings) -> float:
+    """Seconds a running drain may go without progress before it counts as stuck: the lease + 30.
+
+    Progress is what the engine records in ``progress_at``: a claim that returned rows, an
+    answer or transport error received, results written. No single row can legitimately hold
+    a drain longer than its lease: a row is never sent when what is left of its lease cannot
+    cover the request timeout, and every answer (or timeout) counts as progress. The 30 s
+    absorb a slow database write of the results. Past this bound ``/healthz`` answers 503 and
+    the systemd watchdog is no longer fed, so systemd restarts a wedged relay.
+    """
+    return settings.lease + STALL_SLACK
+
+
+def pause_alerts_due(paused_for: float) -> int:
+    """How many ``target still paused`` errors a pause of ``paused_for`` seconds has earned.
+
+    0 before 5 minutes, 1 from 5 minutes, 2 from 15 minutes, 3 from one hour, then one more per
+    hour (4 at 2 h, 5 at 3 h, ...). The heartbeat logs whenever this count goes up, so each step
+    is logged once however often the heartbeat runs, and a missed step is not logged twice.
+    """
+    due = bisect_right(PAUSE_ALERTS, paused_for)
+    if paused_for >= PAUSE_ALERTS[-1]:
+        due += int((paused_for - PAUSE_ALERTS[-1]) // PAUSE_ALERT_EVERY)
+    return due
 
 
 class _SkipNoise(logging.Filter):
@@ -37,15 +77,21 @@ class _SkipNoise(logging.Filter):
 
 
 class Relay:
-    """The daemon: one engine, one scheduler, one listener."""
+    """The daemon: one engine, one scheduler, one listener.
+
+    ``monotonic`` is the clock the health check compares the engine's ``progress_at`` with
+    (``time.monotonic``; tests move it ahead instead of waiting).
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
         observer: Observer | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.monotonic = monotonic
         self.store = Store(settings.require_database_url(), pool_size=4)
         self.metrics = Metrics()
         self.engine = Engine(settings, self.store, observer=observer or self.metrics)
@@ -59,6 +105,9 @@ class Relay:
         self._drain_task: asyncio.Task[object] | None = None
         self._woken: asyncio.Task[None] | None = None  # a strong reference to the last wake-up
         self.last_drain_at: datetime | None = None
+        self._drain_started: float | None = None  # time.monotonic() when the last drain began
+        self._stalled_from: float | None = None  # last progress before the stall being reported
+        self._pause_alerts: dict[str, int] = {}  # target -> pause_alerts_due() already logged
 
     # -- wake-ups --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -84,6 +133,7 @@ class Relay:
         if self.stop_event.is_set():
             return
         try:
+            self._drain_started = self.monotonic()
             await self.engine.run_once()
             self.last_drain_at = datetime.now(UTC)
             self.metrics.drained()
@@ -121,37 +171,99 @@ class Relay:
             delay = min(delay * 2, 5.0)
             self.wake()  # notifications sent while we were away are lost: look now
 
-    def drain_healthy(self) -> bool:
-        """The drain job ran recently (or is running now)."""
+    def drain_problem(self) -> str | None:
+        """Why the drain job is unhealthy, or None when it is healthy.
+
+        While a drain runs: it made progress within :func:`stall_after` seconds (counted from
+        the drain's start at the earliest, since an idle relay has no progress to show).
+        Otherwise: the drain job completed recently. The first time a stall is seen it is
+        logged at ERROR, and once at INFO when progress resumes (or the drain ends).
+        """
         if self.engine.running:
-            return True
-        return self.last_drain_at is not None and (
+            last = self.engine.progress_at
+            if self._drain_started is not None:
+                last = max(last, self._drain_started)
+            idle, bound = self.monotonic() - last, stall_after(self.settings)
+            if idle > bound:
+                if self._stalled_from is None:
+                    self._stalled_from = last
+                    log.error(
+                        "drain stalled: no progress while a drain is running",
+                        extra={"no_progress_for": human_duration(idle), "bound": human_duration(bound)},
+                    )
+                return f"no progress for {int(idle)}s while a drain is running (bound {bound:g}s)"
+        if self._stalled_from is not None:
+            stalled_for = self.monotonic() - self._stalled_from
+            self._stalled_from = None
+            log.info("drain progress resumed", extra={"no_progress_for": human_duration(stalled_for)})
+        if self.engine.running:
+            return None
+        if self.last_drain_at is not None and (
             (datetime.now(UTC) - self.last_drain_at).total_seconds()
             < max(3 * self.settings.poll_interval, 30.0)
-        )
+        ):
+            return None
+        return "the drain job has not completed recently"
+
+    def drain_healthy(self) -> bool:
+        """The drain job completed recently, or is running and making progress."""
+        return self.drain_problem() is None
 
     async def health(self) -> tuple[bool, str]:
-        """For ``/healthz``: the database answers and the drain job ran recently."""
+        """For ``/healthz``: the database answers and the drain job is healthy (:meth:`drain_problem`)."""
         try:
             await self.store.ping()
         except RelayError as exc:
             return False, f"database: {exc}"
-        if not self.drain_healthy():
-            return False, "the drain job has not completed recently"
+        problem = self.drain_problem()
+        if problem is not None:
+            return False, problem
         return True, "ok"
 
-    async def _heartbeat(self) -> None:
+    async def heartbeat(self) -> None:
+        """One heartbeat (the scheduler runs it every few seconds; tests call it directly).
+
+        Writes the targets' states to ``outbox.relay_targets``, refreshes the backlog and pause
+        gauges, logs long pauses again (:func:`pause_alerts_due`), feeds the systemd watchdog
+        only while the drain job is healthy, and sets the status line.
+        """
+        states = self.engine.lane_states()
         try:
-            await self.store.heartbeat(self.settings.relay_id, self.engine.lane_states())
+            await self.store.heartbeat(self.settings.relay_id, states)
             for backlog in await self.store.backlog(list(self.settings.targets)):
                 self.metrics.backlog(backlog.target, backlog.pending, backlog.oldest_pending_seconds)
         except RelayError as exc:
             log.debug("heartbeat failed", extra={"error": str(exc)})
-        if self.drain_healthy():
+        paused_for = self.engine.paused_for()
+        for name in self.engine.lanes:
+            self.metrics.target_paused(name, paused_for.get(name, 0.0))
+        self._escalate_pauses(paused_for, {name: reason for name, _, reason in states})
+        problem = self.drain_problem()
+        if problem is None:
             self.notifier.watchdog()
-        paused = [name for name, state, _ in self.engine.lane_states() if state != "serving"]
+        paused = [name for name, state, _ in states if state != "serving"]
         summary = f"delivered or dead-lettered {self.engine.delivered} rows"
-        self.notifier.status(summary + (f"; paused: {', '.join(paused)}" if paused else ""))
+        summary += f"; paused: {', '.join(paused)}" if paused else ""
+        summary += f"; stalled: {problem}" if self._stalled_from is not None else ""
+        self.notifier.status(summary)
+
+    def _escalate_pauses(self, paused_for: dict[str, float], reasons: dict[str, str | None]) -> None:
+        """``target still paused`` at ERROR each time a pause reaches its next step; a target
+        that serves again starts over (the engine logs ``target resumed``)."""
+        for name in [n for n in self._pause_alerts if n not in paused_for]:
+            del self._pause_alerts[name]
+        for name, seconds in sorted(paused_for.items()):
+            due = pause_alerts_due(seconds)
+            if due > self._pause_alerts.get(name, 0):
+                self._pause_alerts[name] = due
+                log.error(
+                    "target still paused",
+                    extra={
+                        "target": name,
+                        "reason": reasons.get(name),
+                        "paused_for": human_duration(seconds),
+                    },
+                )
 
     # -- lifecycle -------------------------------------------------------------------------
     async def wait_for_database(self) -> None:
@@ -193,7 +305,7 @@ class Relay:
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC), misfire_grace_time=None,
             )  # fmt: skip
             self.scheduler.add_job(
-                self._heartbeat, "interval", seconds=self._heartbeat_seconds(), id="heartbeat",
+                self.heartbeat, "interval", seconds=self._heartbeat_seconds(), id="heartbeat",
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
             )  # fmt: skip
             self._add_retention_job()

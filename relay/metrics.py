@@ -2,8 +2,10 @@
 
 :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-global one), so any
 number of relays can live in one process (tests do). The engine reports through the
-methods ``request``, ``delivered``, ``dead`` and ``circuit``; the daemon adds ``backlog``
-(from :meth:`relay.store.Store.backlog`) and ``drained``.
+methods ``request``, ``delivered``, ``dead``, ``circuit`` and ``unwritable`` (its
+``Observer``); the daemon adds ``backlog`` (from :meth:`relay.store.Store.backlog`),
+``target_paused`` (from :meth:`relay.engine.Engine.paused_for`, at each heartbeat) and
+``drained``.
 
 :class:`MetricsServer` is plain asyncio: ``GET /metrics`` answers the text exposition format,
 ``GET /healthz`` answers ``200 ok`` or ``503`` with the reason the health callback gives,
@@ -75,6 +77,16 @@ class Metrics:
             "outbox_relay_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (paused).",
             ["target"], registry=r,
         )  # fmt: skip
+        self._paused = Gauge(
+            "outbox_relay_target_paused_seconds",
+            "How long the target has not been serving (breaker open or credentials refused); 0 when serving.",
+            ["target"], registry=r,
+        )  # fmt: skip
+        self._unwritable = Counter(
+            "outbox_relay_results_unwritable",
+            "Row results (state and attempt rows) the database refused to store, by target.",
+            ["target"], registry=r,
+        )  # fmt: skip
         self._last_drain = Gauge(
             "outbox_relay_last_drain_timestamp_seconds",
             "When the last drain finished (Unix time).",
@@ -100,6 +112,14 @@ class Metrics:
         except KeyError:
             raise ValueError(f"unknown circuit state {state!r}") from None
         self._circuit.labels(target).set(value)
+
+    def unwritable(self, target: str) -> None:
+        """One row result the database refused to store."""
+        self._unwritable.labels(target).inc()
+
+    def target_paused(self, target: str, seconds: float) -> None:
+        """Seconds ``target`` has not been serving (paused or probing); 0 while it serves."""
+        self._paused.labels(target).set(max(seconds, 0.0))
 
     def backlog(self, target: str, pending: int, oldest_seconds: float) -> None:
         self._pending.labels(target).set(pending)

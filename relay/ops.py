@@ -31,6 +31,7 @@ T = TypeVar("T")
 Progress = Callable[[int, int, int], None]
 
 FRESH_HEARTBEAT = 120.0  # a relay_targets row younger than this belongs to a live relay
+PAUSED_STATES = ("paused", "probing")  # relay_targets states of a target that is not serving
 RETRY_BATCH = 500
 PURGE_BATCH = 1000
 
@@ -57,11 +58,18 @@ def _positive(text: str) -> int:
 
 
 # -- status ---------------------------------------------------------------------------------
-async def collect_status(store: Store) -> dict[str, Any]:
-    """What ``status --json`` prints."""
+async def collect_status(store: Store, now: datetime | None = None) -> dict[str, Any]:
+    """What ``status --json`` prints.
+
+    A target is paused when a live relay reports it ``paused`` or ``probing`` (a probe decides
+    whether it resumes); ``paused_since`` is the earliest ``since`` of those rows (the heartbeat
+    keeps ``since`` while the state stays the same) and ``paused_seconds`` its age by ``now``
+    (this host's clock unless given).
+    """
     version = await store.schema_version()
     if version == 0:
         raise SchemaError("the outbox schema is missing: run `outbox-relay migrate`")
+    now = now or datetime.now(UTC)
     counts = {r["target"]: r for r in await store.status_targets()}
     live = await store.live_relays(FRESH_HEARTBEAT)
     names = sorted(set(counts) | {r["target"] for r in live})
@@ -69,7 +77,9 @@ async def collect_status(store: Store) -> dict[str, Any]:
     for name in names:
         row = counts.get(name, {})
         serving = [r for r in live if r["target"] == name]
-        reasons = sorted({r["reason"] or "no reason given" for r in serving if r["state"] == "paused"})
+        pausing = [r for r in serving if r["state"] in PAUSED_STATES]
+        reasons = sorted({r["reason"] or "no reason given" for r in pausing})
+        since: datetime | None = min((r["since"] for r in pausing), default=None)
         targets.append({
             "target": name,
             **{k: int(row.get(k) or 0) for k in ("pending", "in_flight", "delivered", "dead")},
@@ -77,8 +87,10 @@ async def collect_status(store: Store) -> dict[str, Any]:
             "delivered_last_hour": int(row.get("delivered_last_hour") or 0),
             "dead_last_hour": int(row.get("dead_last_hour") or 0),
             "served_by": sorted({r["relay_id"] for r in serving}),
-            "paused": bool(reasons),
+            "paused": bool(pausing),
             "pause_reason": "; ".join(reasons) or None,
+            "paused_since": since,
+            "paused_seconds": None if since is None else max((now - since).total_seconds(), 0.0),
         })  # fmt: skip
     relays: dict[str, dict[str, Any]] = {}
     for r in live:
@@ -111,7 +123,8 @@ def render_status(data: dict[str, Any]) -> str:
         rows = []
         for t in data["targets"]:
             waiting = t["pending"] + t["in_flight"]
-            state = "paused" if t["paused"] else "serving" if t["served_by"] else "-"
+            paused = f"paused {report.age(t['paused_seconds'], subsecond=False)}"
+            state = paused if t["paused"] else "serving" if t["served_by"] else "-"
             state = "UNSERVED" if state == "-" and waiting else state
             rows.append([
                 t["target"], t["pending"], t["in_flight"], t["delivered"], t["dead"],
@@ -124,7 +137,8 @@ def render_status(data: dict[str, Any]) -> str:
     notes = []
     for t in data["targets"]:
         if t["paused"]:
-            notes.append(f"paused: {t['target']}: {report.clean(t['pause_reason'])}")
+            span = report.age(t["paused_seconds"], subsecond=False)
+            notes.append(f"paused: {t['target']} for {span}: {report.clean(t['pause_reason'])}")
         elif not t["served_by"] and t["pending"] + t["in_flight"]:
             waiting = t["pending"] + t["in_flight"]
             notes.append(f"unserved: {t['target']} has {waiting} row(s) waiting but no live relay serves it")
@@ -444,7 +458,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "status", cmd_status, "rows per target and state, backlog age, paused targets, live relays",
         "Per target: rows pending, in flight, delivered and dead; the age of the oldest row waiting;\n"
         "deliveries and dead letters in the last hour; the relays serving it (heartbeat in the last\n"
-        "2 minutes) and whether one paused it, and why. Also the schema version.\n\n"
+        "2 minutes) and whether one paused it, since when and why. Also the schema version.\n\n"
         "examples:\n  outbox-relay status\n"
         "  outbox-relay status --json | jq '.targets[] | select(.paused or .served_by == [])'",
     )  # fmt: skip

@@ -137,7 +137,8 @@ from unnest(cast(:targets as text[]), cast(:states as text[]), cast(:reasons as 
 on conflict (relay_id, target) do update
 set state = excluded.state,
     reason = excluded.reason,
-    since = case when t.state = excluded.state then t.since else now() end,
+    -- paused and probing alternate during one pause: since counts from when it stopped serving
+    since = case when (t.state = 'serving') = (excluded.state = 'serving') then t.since else now() end,
     heartbeat_at = now()
 
 -- relay_targets_forget --

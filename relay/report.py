@@ -38,12 +38,13 @@ def clean(value: object, limit: int | None = None) -> str:
     return text or "-"
 
 
-def age(seconds: float | None) -> str:
-    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``30d``; ``-`` for none."""
+def age(seconds: float | None, *, subsecond: bool = True) -> str:
+    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``30d``; ``-`` for none.
+    With ``subsecond=False`` less than a second is ``0s`` (for spans counted in seconds)."""
     if seconds is None:
         return "-"
     if seconds < 1:
-        return f"{max(seconds, 0) * 1000:.0f}ms"
+        return f"{max(seconds, 0) * 1000:.0f}ms" if subsecond else "0s"
     s = int(seconds)
     for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
         if s >= size:

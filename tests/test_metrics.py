@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.engine import Observer
 from relay.metrics import Metrics, MetricsServer
 from relay.store import Store
 
@@ -63,6 +65,10 @@ async def test_metrics_are_served_and_move() -> None:
             metrics.circuit("eu", "half_open")
             metrics.circuit("other", "closed")
             metrics.backlog("default", 7, 42.5)
+            metrics.target_paused("default", 0.0)
+            metrics.target_paused("eu", 432.5)
+            metrics.unwritable("eu")
+            metrics.unwritable("eu")
             metrics.drained()
 
             response = await http.get("/metrics")
@@ -89,6 +95,10 @@ async def test_metrics_are_served_and_move() -> None:
     assert get(s, "outbox_relay_circuit_state", target="other") == 0
     assert get(s, "outbox_relay_pending", target="default") == 7
     assert get(s, "outbox_relay_oldest_pending_seconds", target="default") == 42.5
+    assert get(s, "outbox_relay_target_paused_seconds", target="default") == 0
+    assert get(s, "outbox_relay_target_paused_seconds", target="eu") == 432.5
+    assert get(s, "outbox_relay_results_unwritable_total", target="eu") == 2
+    assert ("outbox_relay_results_unwritable_total", frozenset({("target", "default")})) not in s
     assert abs(get(s, "outbox_relay_last_drain_timestamp_seconds") - time.time()) < 60
 
 
@@ -140,6 +150,13 @@ async def test_garbage_request_is_400() -> None:
     finally:
         await server.stop()
     assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_metrics_is_the_engines_observer() -> None:
+    """Every method the engine reports through exists on Metrics with the same signature."""
+    for name, declared in inspect.getmembers(Observer, inspect.isfunction):
+        if not name.startswith("_"):
+            assert inspect.signature(getattr(Metrics, name)) == inspect.signature(declared), name
 
 
 def test_unknown_circuit_state_is_refused() -> None:

@@ -11,6 +11,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 
 from relay import report
 from relay.migrations import latest_version
-from relay.ops import _scrub, purge, retry_dead
+from relay.ops import _scrub, collect_status, purge, render_status, retry_dead
 from relay.settings import load_settings
 from relay.store import Store
 from tests.relaykit import cli
@@ -88,7 +89,8 @@ def add(
 
 @pytest.fixture
 def seeded(db: psycopg.Connection) -> dict[tuple[str, str], int]:
-    """Two targets with delivered, pending, in-flight and dead rows, a paused target, a stale relay."""
+    """Two targets with delivered, pending, in-flight and dead rows, a target paused for 7 minutes,
+    a stale relay."""
     ok = [("delivered", 204, None)]
     ids: dict[tuple[str, str], int] = {}
 
@@ -110,9 +112,10 @@ def seeded(db: psycopg.Connection) -> dict[tuple[str, str], int]:
     put("both-1", "eu", state="pending", age="5 minutes")
     put("dead-eu", "eu", state="dead", age="10 minutes", attempts=[("dead", 400, "ORDER_IN_WRONG_STATE")])
     db.execute(
-        """insert into outbox.relay_targets (relay_id, target, state, reason, heartbeat_at) values
-           ('relay-a', 'default', 'paused', 'HTTP 401 from the API: credentials refused', now()),
-           ('relay-old', 'eu', 'serving', null, now() - interval '10 minutes')"""
+        """insert into outbox.relay_targets (relay_id, target, state, reason, since, heartbeat_at) values
+           ('relay-a', 'default', 'paused', 'HTTP 401 from the API: credentials refused',
+            now() - interval '7 minutes', now()),
+           ('relay-old', 'eu', 'serving', null, now() - interval '1 hour', now() - interval '10 minutes')"""
     )
     return ids
 
@@ -141,6 +144,9 @@ def test_status_json_matches_the_database(database_url: str, seeded: dict[tuple[
     assert 600 <= d["oldest_pending_seconds"] < 660  # wait-1, written 10 minutes ago
     assert 300 <= eu["oldest_pending_seconds"] < 360
     assert d["paused"] is True and d["pause_reason"] == "HTTP 401 from the API: credentials refused"
+    assert 420 <= d["paused_seconds"] < 480  # since the relay_targets row's `since`
+    assert datetime.fromisoformat(d["paused_since"]) < datetime.now(UTC) - timedelta(minutes=6)
+    assert eu["paused_seconds"] is None and eu["paused_since"] is None
     assert d["served_by"] == ["relay-a"]
     assert (
         eu["paused"] is False and eu["pause_reason"] is None and eu["served_by"] == []
@@ -160,15 +166,36 @@ def test_status_human_view(database_url: str, seeded: dict[tuple[str, str], int]
     header = next(line for line in lines if line.startswith("TARGET"))
     default = next(line for line in lines if line.startswith("default "))
     eu = next(line for line in lines if line.startswith("eu "))
-    assert re.match(r"default\s+1\s+1\s+6\s+3\s+10m(\d\ds)?\s+2\s+1\s+relay-a\s+paused$", default), default
+    assert re.match(r"default\s+1\s+1\s+6\s+3\s+10m(\d\ds)?\s+2\s+1\s+relay-a\s+paused 7m(\d\ds)?$", default), default
     assert re.match(r"eu\s+1\s+0\s+1\s+1\s+5m(\d\ds)?\s+0\s+1\s+-\s+UNSERVED$", eu), eu
     # aligned: right-aligned numbers end under their header
     end = header.index("DELIVERED 1H") + len("DELIVERED 1H")
     assert default[end - 1] == "2" and eu[end - 1] == "0"
-    assert "paused: default: HTTP 401 from the API: credentials refused" in out
+    assert re.search(r"^paused: default for 7m(\d\ds)?: HTTP 401 from the API: credentials refused$", out, re.MULTILINE)
     assert "unserved: eu has 1 row(s) waiting but no live relay serves it" in out
     assert re.search(r"^relay-a\s+default\s+\d+m?s ago$", out, re.MULTILINE)
     assert "relay-old" not in out
+
+
+async def test_status_counts_a_pause_from_its_start_across_relays(db: psycopg.Connection, store: Store) -> None:
+    """Probing (one request decides whether the target is back) is still a pause; with several
+    relays, the one paused longest says how long."""
+    db.execute(
+        """insert into outbox.relay_targets (relay_id, target, state, reason, since) values
+           ('relay-a', 'default', 'paused', 'HTTP 403 from the API: forbidden', now() - interval '7 minutes'),
+           ('relay-b', 'default', 'probing', '5 consecutive transient failures', now() - interval '20 minutes'),
+           ('relay-a', 'eu', 'serving', null, now() - interval '2 hours'),
+           ('relay-b', 'eu', 'probing', 'probe failed', now() - interval '12 seconds')"""
+    )
+    data = await collect_status(store)
+    targets = {t["target"]: t for t in data["targets"]}
+    d, eu = targets["default"], targets["eu"]
+    assert d["paused"] is True and 1200 <= d["paused_seconds"] < 1260
+    assert d["pause_reason"] == "5 consecutive transient failures; HTTP 403 from the API: forbidden"
+    assert eu["paused"] is True and 12 <= eu["paused_seconds"] < 70
+    out = render_status(data)
+    assert re.search(r"^default\s.*relay-a, relay-b\s+paused 20m(\d\ds)?$", out, re.MULTILINE), out
+    assert re.search(r"^paused: eu for \d+s: probe failed$", out, re.MULTILINE), out
 
 
 def test_status_on_a_database_without_the_schema(empty_database_url: str) -> None:
@@ -605,3 +632,4 @@ def test_clean_keeps_terminals_safe() -> None:
     assert report.clean(None) == "-"
     assert [report.age(s) for s in (None, 0.25, 42.9, 185, 3725, 7200, 30 * 86400, 86400 + 3600)] == [
         "-", "250ms", "42s", "3m05s", "1h02m", "2h", "30d", "1d01h"]  # fmt: skip
+    assert [report.age(s, subsecond=False) for s in (0.4, 432.9)] == ["0s", "7m12s"]
