@@ -3,11 +3,19 @@ OAuth2 client credentials with single-flight renewal ahead of expiry.
 
 Secrets and tokens never appear in an exception message, a ``repr`` or a log record: the
 only thing logged is ``token renewed, expires in Ns`` at DEBUG (logger ``relay.auth``).
+
+What comes from outside is checked here as it enters: a token re-read from its file, and the
+token endpoint's answer, must be printable ASCII without whitespace (they go into a header); the
+endpoint's answer is read within the target's ``request_timeout`` overall and at most
+:data:`TOKEN_BODY_LIMIT` bytes of it (:mod:`relay.wire`); every piece of outside text that reaches
+an :class:`~relay.errors.AuthError` message has been through :mod:`relay.sanitize`. Whatever goes
+wrong, the caller sees an ``AuthError`` and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -19,7 +27,9 @@ from typing import Any, Protocol
 import httpx
 
 from relay.errors import AuthError
-from relay.settings import OAuthSettings, Secret, TargetSettings
+from relay.sanitize import one_line, storable
+from relay.settings import TOKEN_RULE, OAuthSettings, Secret, TargetSettings, is_token_text
+from relay.wire import exchange
 
 __all__ = ["NoToken", "OAuthToken", "StaticToken", "TokenSource", "token_source"]
 
@@ -28,7 +38,10 @@ log = logging.getLogger("relay.auth")
 DEFAULT_EXPIRES_IN = 3600.0
 FAILURE_BACKOFF_FIRST = 1.0
 FAILURE_BACKOFF_MAX = 60.0
-_OAUTH_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TOKEN_BODY_LIMIT = 16 * 1024  # bytes of a token endpoint's answer; a larger one is refused
+TOKEN_FILE_LIMIT = 16 * 1024  # bytes of a token file
+DEFAULT_TIMEOUT = 10.0  # seconds for one token request, unless the target says otherwise
+_OAUTH_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # shown only when it is one of these
 
 
 class TokenSource(Protocol):
@@ -74,17 +87,24 @@ class StaticToken:
 
     async def _read(self) -> str:
         assert self._path is not None
-        path = self._path
+        path = storable(self._path, 500)
         try:
-            value = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
+            data = await asyncio.to_thread(_read_head, self._path, TOKEN_FILE_LIMIT + 1)
         except OSError as exc:
             raise AuthError(
-                f"token file {path}: cannot read it: {exc.strerror or type(exc).__name__}"
+                f"token file {path}: cannot read it: {one_line(exc.strerror or type(exc).__name__, 200)}"
             ) from None
-        except UnicodeDecodeError:
-            raise AuthError(f"token file {path}: not UTF-8 text") from None
+        except ValueError:  # a NUL in the path
+            raise AuthError(f"token file {path}: not a usable file name") from None
+        if len(data) > TOKEN_FILE_LIMIT:
+            raise AuthError(f"token file {path}: larger than {TOKEN_FILE_LIMIT // 1024} KiB")
+        value = _utf8(data)  # not decoded inside an except: the error would keep the bytes
+        if value is None:
+            raise AuthError(f"token file {path}: not UTF-8 text")
         if not value:
             raise AuthError(f"token file {path} is empty")
+        if not is_token_text(value):
+            raise AuthError(f"token file {path}: the token {TOKEN_RULE}")
         return value
 
     async def token(self) -> str | None:
@@ -121,7 +141,8 @@ class OAuthToken:
     Single flight: one :class:`asyncio.Lock` guards every fetch, and callers re-check after
     taking it, so any number of concurrent callers cause one POST.
 
-    Failures (transport error, non-200, unusable JSON, no ``access_token``) raise
+    Failures (transport error, no complete answer within ``timeout`` seconds, an answer larger
+    than :data:`TOKEN_BODY_LIMIT`, non-200, unusable JSON, no usable ``access_token``) raise
     :class:`~relay.errors.AuthError` naming the token URL and HTTP status. After a failure
     the endpoint is left alone for 1 s, doubling per consecutive failure up to 60 s; within
     that time a call that needs a fetch fails at once. When a proactive renewal fails while
@@ -137,10 +158,14 @@ class OAuthToken:
         http: httpx.AsyncClient,
         clock: Callable[[], float] = time.monotonic,
         margin: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if margin < 0:
             raise ValueError(f"margin must not be negative, got {margin!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
         self._settings = settings
+        self._timeout = float(timeout)
         self._http = http
         self._clock = clock
         self._margin = float(margin)
@@ -220,27 +245,38 @@ class OAuthToken:
             "client_id": self._settings.client_id,
             "client_secret": secret,
         }
-        try:
-            response = await self._http.post(url, data=form, headers={"Accept": "application/json"})
-        except httpx.HTTPError as exc:
-            detail = str(exc).replace(secret, "***") if secret else str(exc)
-            detail = f": {detail}" if detail else ""
-            raise AuthError(f"token endpoint {url}: {type(exc).__name__}{detail}") from None
-        status = response.status_code
+        request = self._http.build_request("POST", url, data=form, headers={"Accept": "application/json"})
+        reply = await exchange(self._http, request, within=self._timeout, keep=TOKEN_BODY_LIMIT)
+        if reply.timed_out:
+            raise AuthError(f"token endpoint {url}: DeadlineExceeded (no answer within {self._timeout:g}s)")
+        if reply.error is not None:
+            detail = str(reply.error).replace(secret, "***") if secret else str(reply.error)
+            detail = f": {one_line(detail, 200)}" if detail.strip() else ""
+            name = one_line(type(reply.error).__name__, 64)
+            raise AuthError(f"token endpoint {url}: {name}{detail}")
+        status = reply.status
+        if reply.over_limit:
+            raise AuthError(
+                f"token endpoint {url}: HTTP {status} but the answer is larger than "
+                f"{TOKEN_BODY_LIMIT // 1024} KiB (or in an unsupported encoding)"
+            )
         body: Any
         try:
-            body = response.json()
-        except ValueError:
+            body = json.loads(reply.body)
+        except (ValueError, RecursionError):
             body = None
         if status != 200:
             code = body.get("error") if isinstance(body, dict) else None
-            hint = f" ({code})" if isinstance(code, str) and _OAUTH_ERROR_CODE.match(code) else ""
+            sane = isinstance(code, str) and _OAUTH_ERROR_CODE.fullmatch(code)
+            hint = f" ({one_line(code, 64)})" if sane else ""
             raise AuthError(f"token endpoint {url}: HTTP {status}{hint}")
         if not isinstance(body, dict):
             raise AuthError(f"token endpoint {url}: HTTP {status} but the body is not a JSON object")
         token = body.get("access_token")
         if not isinstance(token, str) or not token.strip():
             raise AuthError(f"token endpoint {url}: HTTP {status} but no access_token in the answer")
+        if not is_token_text(token.strip()):
+            raise AuthError(f"token endpoint {url}: HTTP {status} but the access_token {TOKEN_RULE}")
         return token.strip(), _lifetime(body.get("expires_in"))
 
     def __repr__(self) -> str:
@@ -263,10 +299,25 @@ def _lifetime(value: object) -> float:
     return seconds if math.isfinite(seconds) and seconds > 0 else DEFAULT_EXPIRES_IN
 
 
+def _utf8(data: bytes) -> str | None:
+    """The stripped text of ``data``, or None when it is not UTF-8."""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    """At most ``size`` bytes of a file: a token file that is /dev/zero must not fill memory."""
+    with path.open("rb") as fh:
+        return fh.read(size)
+
+
 def token_source(target: TargetSettings, http: httpx.AsyncClient) -> TokenSource:
-    """The token source a target's settings call for."""
+    """The token source a target's settings call for; ``http`` should not trust the environment
+    (``trust_env=False``) and carry the target's proxy, as :class:`relay.client.ApiClient`'s does."""
     if target.oauth is not None:
-        return OAuthToken(target.oauth, http)
+        return OAuthToken(target.oauth, http, timeout=target.request_timeout)
     if target.token is not None or target.token_file is not None:
         return StaticToken(target.token, target.token_file)
     return NoToken()

@@ -2,6 +2,17 @@
 
 No status logic here (that is :mod:`relay.classify`); this module only builds the request,
 sends it, and says what came back or which transport error happened.
+
+What comes back is not trusted (:mod:`relay.wire` reads it): one deadline of
+``request_timeout`` seconds covers connect + send + wait + body, at most :data:`BODY_KEEP`
+bytes of body are kept (never inflated past that), and every string put in an
+:class:`~relay.classify.Answer` has been through :mod:`relay.sanitize`. If the deadline expires
+after the status line arrived, the API did answer: the answer is that status with the body read
+so far. Before it, the answer is the transport error ``DeadlineExceeded``.
+
+The clients ignore ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY`` and the SSL
+variables (``trust_env=False``): a proxy is the target's explicit ``proxy`` setting, used for the
+PUTs and for the token endpoint alike.
 """
 
 from __future__ import annotations
@@ -19,12 +30,25 @@ import httpx
 from relay import __version__
 from relay.auth import TokenSource, token_source
 from relay.classify import Answer
+from relay.sanitize import one_line, storable_bytes
 from relay.settings import TargetSettings
+from relay.wire import Reply, exchange
 
-RESPONSE_BODY_LIMIT = 4096
+RESPONSE_BODY_LIMIT = 4096  # what is stored of a response body (delivery_attempts.response_body)
+BODY_KEEP = 8192  # what is read of it: enough for classify to parse an error, never more
+RETRY_AFTER_LIMIT = 64  # characters kept of a Retry-After header
+ERROR_NAME_LIMIT = 64
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # Answer.transport_error when the overall deadline expired
 
-# Errors raised before a single byte of the request could reach the server.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+# Errors raised before a single byte of the request could reach the server (a ProxyError is a
+# refused CONNECT: the request itself never left).
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.ProxyError,
+)
 
 
 def action_path(action_id: str) -> str:
@@ -48,12 +72,8 @@ def request_body(status: str, errors: list[dict[str, str]]) -> bytes:
 
 
 def truncate_body(body: bytes) -> str | None:
-    if not body:
-        return None
-    text = body[:RESPONSE_BODY_LIMIT].decode("utf-8", errors="replace")
-    while len(text.encode()) > RESPONSE_BODY_LIMIT:
-        text = text[:-1]
-    return text
+    """The stored form of a response body: storable text of at most RESPONSE_BODY_LIMIT bytes."""
+    return storable_bytes(body, RESPONSE_BODY_LIMIT) or None
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,14 @@ def ssl_context(target: TargetSettings) -> ssl.SSLContext:
     return context
 
 
+def proxy(target: TargetSettings, context: ssl.SSLContext) -> httpx.Proxy | None:
+    """The target's proxy; an https:// one is verified like the target (``ca_bundle`` or system)."""
+    if target.proxy is None:
+        return None
+    url = target.proxy.reveal()
+    return httpx.Proxy(url, ssl_context=context if url.lower().startswith("https:") else None)
+
+
 class ApiClient:
     """Sends updates to one target.
 
@@ -88,6 +116,9 @@ class ApiClient:
         self.target = target
         self._transport = transport
         self._ssl = ssl_context(target)
+        # A test's own transport replaces the network, the proxy included (httpx would send
+        # everything through the proxy's transport and bypass the one given).
+        self._proxy = proxy(target, self._ssl) if transport is None else None
         self._idle: list[httpx.AsyncClient] = []
         self._all: list[httpx.AsyncClient] = []
         self.http = self._new_client()  # for the token endpoint
@@ -100,7 +131,13 @@ class ApiClient:
             verify=self._ssl,
             follow_redirects=False,
             transport=self._transport,
-            headers={"User-Agent": f"outbox-relay/{__version__}", "Accept": "application/json"},
+            proxy=self._proxy,
+            trust_env=False,
+            headers={
+                "User-Agent": f"outbox-relay/{__version__}",
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+            },
         )
         self._all.append(client)
         return client
@@ -120,18 +157,26 @@ class ApiClient:
         started_at = datetime.now(UTC)
         start = time.perf_counter()
         try:
-            response = await client.put(url, content=body, headers=headers)
-            answer = Answer(
-                status=response.status_code,
-                body=response.content,
-                retry_after=response.headers.get("Retry-After"),
-            )
-        except httpx.HTTPError as exc:
-            answer = Answer(
-                status=None,
-                transport_error=type(exc).__name__,
-                maybe_sent=not isinstance(exc, _NOT_SENT),
-            )
+            request = client.build_request("PUT", url, content=body, headers=headers)
+            reply = await exchange(client, request, within=self.target.request_timeout, keep=BODY_KEEP)
         finally:
             self._idle.append(client)
-        return Sent(answer, started_at, (time.perf_counter() - start) * 1000.0)
+        return Sent(answer(reply), started_at, (time.perf_counter() - start) * 1000.0)
+
+
+def answer(reply: Reply) -> Answer:
+    """The :class:`Answer` for one exchange: a status, once one arrived, wins over any error."""
+    if reply.status is not None:
+        retry_after = reply.headers.get("Retry-After")
+        return Answer(
+            status=reply.status,
+            body=reply.body,
+            retry_after=None if retry_after is None else one_line(retry_after, RETRY_AFTER_LIMIT),
+        )
+    if reply.error is not None:
+        return Answer(
+            status=None,
+            transport_error=one_line(type(reply.error).__name__, ERROR_NAME_LIMIT),
+            maybe_sent=reply.maybe_sent and not isinstance(reply.error, _NOT_SENT),
+        )
+    return Answer(status=None, transport_error=DEADLINE_EXCEEDED, maybe_sent=reply.maybe_sent)

@@ -17,11 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
-
 from relay import report
-from relay.auth import token_source
-from relay.client import ssl_context
+from relay.client import ApiClient
 from relay.errors import ConfigError, NotFound, RelayError, SchemaError
 from relay.migrations import latest_version
 from relay.settings import Settings, TargetSettings, parse_duration
@@ -361,11 +358,13 @@ async def _check_token(target: TargetSettings) -> Check:
     name = f"target {target.name}"
     if target.auth_kind == "none":
         return Check(name, False, f"{name}: no credentials (set a token or OAuth client)", configuration=True)
-    async with httpx.AsyncClient(timeout=target.request_timeout, verify=ssl_context(target)) as http:
-        try:
-            token = await token_source(target, http).token()
-        except RelayError as exc:
-            return Check(name, False, f"{name}: {exc}")
+    client = ApiClient(target)  # the relay's own client: same TLS, proxy and deadline rules
+    try:
+        token = await client.tokens.token()
+    except RelayError as exc:
+        return Check(name, False, f"{name}: {exc}")
+    finally:
+        await client.aclose()
     if not token:
         return Check(name, False, f"{name}: the token is empty", configuration=True)
     if target.oauth is not None:

@@ -8,6 +8,12 @@ Precedence, lowest first: built-in defaults, the TOML file (``--config`` or
 ``RELAY_*`` variables, or from systemd credentials in ``$CREDENTIALS_DIRECTORY``
 (``database-url``, ``api-token``, ``oauth-client-secret``; for a named target
 ``NAME.api-token`` and ``NAME.oauth-client-secret``).
+
+Credentials are checked here, once, so a bad one stops the relay at start-up with one line that
+names the setting and never shows the value: a token or client id is printable ASCII without
+whitespace (it goes into an HTTP header or a form), a client secret has no control characters.
+A proxy is only ever the explicit ``proxy`` setting (the HTTP clients ignore ``HTTP_PROXY`` and
+friends), checked like a base URL; it may carry a user and password, so it is a :class:`Secret`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ DEFAULT_API_BASE_URL = "https://miraklconnect.com/api/channel-platform"
 DEFAULT_OAUTH_TOKEN_URL = "https://auth.mirakl.net/oauth/token"  # noqa: S105 (a URL, not a secret)
 DEFAULT_TARGET = "default"
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+TOKEN_RULE = "must be printable ASCII without spaces or control characters"  # noqa: S105
+SECRET_FILE_LIMIT = 64 * 1024  # bytes read of a secret file: a token is far smaller
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, lone surrogates
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -102,6 +113,47 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def is_token_text(value: str) -> bool:
+    """A bearer token or client id: one or more characters 0x21-0x7E (printable ASCII, no space)."""
+    return _TOKEN_TEXT.fullmatch(value) is not None
+
+
+def _token_text(value: str, name: str) -> str:
+    if not is_token_text(value):
+        raise ConfigError(f"{name}: {TOKEN_RULE}")
+    return value
+
+
+def _secret_text(value: str, name: str) -> str:
+    if not value or _CONTROL.search(value):
+        raise ConfigError(f"{name}: must be non-empty, without control characters")
+    return value
+
+
+def check_proxy(url: str, name: str) -> Secret | None:
+    """A proxy URL: ``https://`` (or ``http://`` to a loopback host), ``[user:password@]host[:port]``.
+
+    Messages name the setting and at most the scheme and host: never the user or password.
+    An empty value means no proxy (a target can so opt out of a top-level default).
+    """
+    if not url.strip():
+        return None
+    parts = urlsplit(url.strip())
+    try:
+        host, _port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: expected https://[user:password@]host[:port]") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{name}: expected an https:// proxy URL (http:// only on a loopback host)")
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise ConfigError(
+            f"{name}: plain http:// is refused for non-loopback proxy host {host!r}; use https://"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{name}: a proxy URL has no path, query or fragment")
+    return Secret(url.strip())
+
+
 def check_url(url: str, name: str) -> str:
     """Refuse anything but ``https://`` URLs, except ``http://`` to a loopback host."""
     parts = urlsplit(url)
@@ -157,6 +209,7 @@ class TargetSettings:
     max_concurrency: int = 64
     rate_limit: float | None = None
     ca_bundle: Path | None = None
+    proxy: Secret | None = None  # http(s)://[user:password@]host:port; never from the environment
 
     @property
     def auth_kind(self) -> str:
@@ -196,20 +249,32 @@ _TOP_KEYS = {
     "database_url", "database_url_file", "poll_interval", "batch_size", "max_concurrency",
     "rate_limit", "request_timeout", "lease", "shutdown_timeout", "metrics_listen",
     "log_format", "log_level", "retention", "retention_include_dead", "relay_id",
-    "retry", "breaker", "targets", "ca_bundle",
+    "retry", "breaker", "targets", "ca_bundle", "proxy",
 }  # fmt: skip
 _TARGET_KEYS = {
     "base_url", "token", "token_file", "oauth_client_id", "oauth_client_secret",
     "oauth_client_secret_file", "oauth_token_url", "request_timeout", "max_concurrency",
-    "rate_limit", "ca_bundle",
+    "rate_limit", "ca_bundle", "proxy",
 }  # fmt: skip
 
 
 def _read_secret_file(path: str, name: str) -> Secret:
+    """The stripped text of a secret file, read up to SECRET_FILE_LIMIT bytes (not /dev/zero)."""
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, "rb") as fh:
+            data = fh.read(SECRET_FILE_LIMIT + 1)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError:  # a NUL in the path
+        raise ConfigError(f"{name}: not a usable file name") from None
+    if len(data) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{name}: {path} is larger than {SECRET_FILE_LIMIT // 1024} KiB")
+    try:
+        value: str | None = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        value = None  # raised below, outside the except: the error would keep the secret's bytes
+    if value is None:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text")
     if not value:
         raise ConfigError(f"{name}: {path} is empty")
     return Secret(value)
@@ -262,31 +327,35 @@ def _target(
     token: Secret | None = None
     token_file: Path | None = None
     if "token" in merged:
-        token = Secret(str(merged["token"]))
+        token = Secret(_token_text(str(merged["token"]), f"{where}.token"))
     if "token_file" in merged:
         token_file = Path(str(merged["token_file"]))
         token = _read_secret_file(str(token_file), f"{where}.token_file")
-    token = token or _credential(env, f"{prefix}api-token")
+        _token_text(token.reveal(), f"{where}.token_file")
+    if token is None and (token := _credential(env, f"{prefix}api-token")) is not None:
+        _token_text(token.reveal(), f"credential {prefix}api-token")
 
     oauth: OAuthSettings | None = None
     if "oauth_client_id" in merged:
+        client_id = _token_text(str(merged["oauth_client_id"]), f"{where}.oauth_client_id")
         secret: Secret | None = None
+        secret_name = f"credential {prefix}oauth-client-secret"
         if "oauth_client_secret" in merged:
-            secret = Secret(str(merged["oauth_client_secret"]))
+            secret, secret_name = Secret(str(merged["oauth_client_secret"])), f"{where}.oauth_client_secret"
         if "oauth_client_secret_file" in merged:
-            secret = _read_secret_file(
-                str(merged["oauth_client_secret_file"]), f"{where}.oauth_client_secret_file"
-            )
+            secret_name = f"{where}.oauth_client_secret_file"
+            secret = _read_secret_file(str(merged["oauth_client_secret_file"]), secret_name)
         secret = secret or _credential(env, f"{prefix}oauth-client-secret")
         if secret is None:
             raise ConfigError(
                 f"{where}: oauth_client_id is set but no client secret "
                 "(oauth_client_secret_file, RELAY_OAUTH_CLIENT_SECRET_FILE or credential oauth-client-secret)"
             )
+        _secret_text(secret.reveal(), secret_name)
         token_url = check_url(
             str(merged.get("oauth_token_url", DEFAULT_OAUTH_TOKEN_URL)), f"{where}.oauth_token_url"
         )
-        oauth = OAuthSettings(str(merged["oauth_client_id"]), secret, token_url)
+        oauth = OAuthSettings(client_id, secret, token_url)
         if token is not None:
             raise ConfigError(f"{where}: configure either a static token or OAuth, not both")
 
@@ -307,6 +376,7 @@ def _target(
         max_concurrency=_positive_int(merged.get("max_concurrency", 64), f"{where}.max_concurrency"),
         rate_limit=None if rate in (None, 0, "0", "") else _positive_float(rate, f"{where}.rate_limit"),
         ca_bundle=Path(str(ca_bundle)) if ca_bundle else None,
+        proxy=check_proxy(str(merged.get("proxy", "")), f"{where}.proxy"),
     )
 
 
@@ -338,9 +408,12 @@ _ENV_DEFAULT_TARGET = {
     "RELAY_OAUTH_CLIENT_ID": "oauth_client_id",
     "RELAY_OAUTH_CLIENT_SECRET_FILE": "oauth_client_secret_file",
     "RELAY_OAUTH_TOKEN_URL": "oauth_token_url",
+    "RELAY_PROXY": "proxy",
 }
 # Keys of the top level that also serve as defaults for every target.
-_TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_bundle")
+_TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_bundle", "proxy")
+# Variables that carry a token or client id: checked under their own name (the value never shown).
+_ENV_TOKEN_TEXT = ("RELAY_API_TOKEN", "RELAY_OAUTH_CLIENT_ID")
 
 
 def load_settings(config: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -362,6 +435,9 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         str(k): dict(v) for k, v in dict(doc.get("targets", {})).items()
     }
     default_table = targets_doc.setdefault(DEFAULT_TARGET, {})
+    for var in _ENV_TOKEN_TEXT:
+        if env.get(var, "") != "":
+            _token_text(env[var], var)
     for var, key in _ENV_DEFAULT_TARGET.items():
         if env.get(var, "") != "":
             default_table[key] = env[var]

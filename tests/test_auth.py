@@ -143,6 +143,37 @@ async def test_static_token_file_problems_raise_auth_error(tmp_path: Path, conte
     assert "old-secret-token" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"rotated secret\n", "must be printable ASCII"),
+        (b"rotated\r\nX-Injected: 1", "must be printable ASCII"),
+        ("rotated-s\u00e9cret".encode(), "must be printable ASCII"),
+        (b"rotated\x00secret", "must be printable ASCII"),
+        (b"rotated-\xff\xfe", "not UTF-8 text"),
+        (b"rotated" * 4096, "larger than 16 KiB"),
+    ],
+    ids=["space", "crlf", "non-ascii", "nul", "not utf-8", "huge"],
+)
+async def test_a_reread_token_file_must_hold_a_sane_token(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "tok"
+    path.write_bytes(content)
+    source = StaticToken(Secret("old-token"), path)
+    with pytest.raises(AuthError, match=fragment) as info:
+        await source.renew("old-token")
+    text = str(info.value)
+    assert text.startswith(f"token file {path}") and "\n" not in text
+    assert "rotated" not in text and "Injected" not in text
+    rendered = "".join(traceback.format_exception(info.value)) + repr(info.value.__context__)
+    assert "rotated" not in rendered and "Injected" not in rendered
+
+
+async def test_a_token_file_that_is_a_directory_is_an_auth_error(tmp_path: Path) -> None:
+    source = StaticToken(None, tmp_path)
+    with pytest.raises(AuthError, match="cannot read it"):
+        await source.token()
+
+
 async def test_static_token_concurrent_renews_agree(tmp_path: Path) -> None:
     path = tmp_path / "tok"
     path.write_text("new")
@@ -410,6 +441,38 @@ async def test_failure_messages_name_the_url_and_status_but_no_secret(
         assert CLIENT_SECRET not in text
         assert "tok-leak" not in text
     assert CLIENT_SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "hint"),
+    [
+        (b'{"error": "invalid_client"}', " (invalid_client)"),
+        (b'{"error": "invalid\\u0000client"}', ""),  # a NUL once parsed: not shown
+        (b'{"error": "\\ud800"}', ""),
+        (b'{"error": "x\\r\\nLeak: 1"}', ""),
+        (b'{"error": "' + b"e" * 200 + b'"}', ""),
+    ],
+)
+async def test_oauth_error_codes_are_shown_only_when_sane(body: bytes, hint: str) -> None:
+    server = TokenServer(status=401)
+    server.body = body
+    source, http, _ = make_source(server)
+    async with http:
+        with pytest.raises(AuthError) as info:
+            await source.token()
+    assert str(info.value) == f"token endpoint {TOKEN_URL}: HTTP 401{hint}"
+
+
+async def test_the_token_request_has_a_deadline() -> None:
+    server = TokenServer()
+    server.gate = asyncio.Event()  # never set: the endpoint never answers
+    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    source = OAuthToken(oauth_settings(), http, timeout=0.2)
+    async with http:
+        with pytest.raises(AuthError, match="DeadlineExceeded"):
+            await source.token()
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        OAuthToken(oauth_settings(), http, timeout=0)
 
 
 async def test_secret_and_tokens_never_logged_or_shown(caplog: pytest.LogCaptureFixture) -> None:

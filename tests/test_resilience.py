@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import httpx
 import psycopg
 import pytest
 
-from relay.client import ApiClient
+from relay.client import ApiClient, Sent
 from relay.embedded import EmbeddedPostgres
 from relay.engine import Engine
 from relay.migrations import migrate
 from relay.sandbox import Faults, Sandbox, SandboxConfig
-from relay.settings import Secret
+from relay.settings import Secret, TargetSettings
 from relay.store import Store
 from tests.relaykit import (
     expected_bodies,
@@ -456,29 +455,26 @@ def test_sigterm_mid_drain_exits_0_in_time_and_leaves_nothing_in_flight(
 
 
 # -- 5. a lease that runs out while its request is in flight ------------------------------------
-class _HeldAnswers(httpx.AsyncBaseTransport):
-    """Sends each request on at once (so it lands), then keeps the answer until ``release``.
+class _HeldAnswers(ApiClient):
+    """Sends each request at once (so it lands), then keeps its answer from the engine until
+    ``release``.
 
-    Stands for anything the request timeout does not bound (a paused process, a stalled
-    network path): the relay hears its answer long after its lease ran out.
+    Stands for what no request deadline bounds (a process paused after the answer arrived, a
+    stalled event loop): the relay hears its answer long after its lease ran out.
     """
 
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+    def __init__(self, target: TargetSettings) -> None:
+        super().__init__(target)
         self.answered = asyncio.Event()
         self.release = asyncio.Event()
-        self.statuses: list[int] = []
+        self.statuses: list[int | None] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        await response.aread()
-        self.statuses.append(response.status_code)
+    async def put(self, action_id: str, body: bytes, token: str | None) -> Sent:
+        sent = await super().put(action_id, body, token)
+        self.statuses.append(sent.answer.status)
         self.answered.set()
         await self.release.wait()
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        return sent
 
 
 async def _until(predicate: Callable[[], bool], within: float, interval: float = 0.05) -> bool:
@@ -498,10 +494,9 @@ async def test_a_late_answer_after_the_lease_ran_out_is_discarded(database_url: 
         settings_a = relay_settings(
             database_url, sandbox.url, RELAY_LEASE="2", RELAY_REQUEST_TIMEOUT="0.5", RELAY_ID="relay-a"
         )
-        held = _HeldAnswers()
+        held = _HeldAnswers(settings_a.targets["default"])
         store_a = Store(settings_a.require_database_url())
-        client_a = ApiClient(settings_a.targets["default"], transport=held)
-        engine_a = Engine(settings_a, store_a, clients={"default": client_a})
+        engine_a = Engine(settings_a, store_a, clients={"default": held})
         settings_b = relay_settings(database_url, sandbox.url, RELAY_ID="relay-b")
         store_b = Store(settings_b.require_database_url())
         engine_b = Engine(settings_b, store_b)
@@ -548,11 +543,15 @@ async def test_a_late_answer_after_the_lease_ran_out_is_discarded(database_url: 
         f"attempts={attempts} row_after_b={after_b[0][:5]} row_final={final[0][:5]}"
     )
     assert statuses == [("late-1", 204), ("late-1", 400)]
-    assert after_b[0][:5] == ("delivered", 400, 1, 1, True)
+    # B's claim counted A's marked request (requests 2) and wrote an attempt row saying it may have
+    # reached the API; B's own request is attempt 2.
+    assert after_b[0][:5] == ("delivered", 400, 2, 1, True)
     assert final == after_b  # A's late 204 changed nothing on the update
-    by_relay = {relay: (status, outcome) for relay, _, status, outcome in attempts}
-    assert by_relay == {"relay-b": (400, "delivered_earlier"), "relay-a": (204, "superseded")}
-    assert len(attempts) == 2
+    assert attempts == [
+        ("relay-a", 1, None, "unknown"),
+        ("relay-b", 2, 400, "delivered_earlier"),
+        ("relay-a", 1, 204, "superseded"),
+    ]
 
 
 # -- 6. action ids that look like paths, queries, fragments ------------------------------------

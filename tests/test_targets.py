@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import signal
 import time
@@ -29,7 +30,7 @@ from relay.engine import Engine
 from relay.errors import ConfigError
 from relay.flow import BreakerState
 from relay.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Sandbox, SandboxConfig
-from relay.settings import Settings, check_url, load_settings
+from relay.settings import Secret, Settings, check_url, load_settings
 from relay.store import Store
 from tests.relaykit import (
     cli,
@@ -745,3 +746,152 @@ def test_only_loopback_hosts_may_use_plain_http(url: str, allowed: bool) -> None
     else:
         with pytest.raises(ConfigError, match="plain http:// is refused"):
             check_url(url, "base_url")
+
+
+# -- 9. Credentials are sane at load; proxies are explicit and checked like base URLs -----------
+
+BAD_TOKENS = {"crlf": "tok\r\nX-Injected: 1", "non-ascii": "t\u00e9k-secret", "space": "tok secret", "nul": "tok\x00x"}
+
+
+def _one_line_naming(exc: ConfigError, setting: str, value: str) -> None:
+    text = str(exc)
+    assert "\n" not in text and "\r" not in text
+    assert text.startswith(f"{setting}: "), text
+    assert value not in text and value.strip() not in text
+
+
+TOKEN_SOURCES = ["RELAY_API_TOKEN", "toml token", "token_file", "credential", "RELAY_OAUTH_CLIENT_ID", "toml client id"]
+
+
+@pytest.mark.parametrize(
+    ("source", "value"),
+    [
+        pytest.param(source, value, id=f"{source}-{name}")
+        for source in TOKEN_SOURCES
+        for name, value in BAD_TOKENS.items()
+        if not (source.startswith("RELAY_") and "\x00" in value)  # no NUL in an environment variable
+    ],
+)
+def test_tokens_and_client_ids_must_be_printable_ascii(tmp_path: Path, source: str, value: str) -> None:
+    env: dict[str, str] = {}
+    config = tmp_path / "relay.toml"
+    secret = client_secret_file(tmp_path)
+    if source.startswith("RELAY_"):
+        env[source] = value
+        if source == "RELAY_OAUTH_CLIENT_ID":
+            env["RELAY_OAUTH_CLIENT_SECRET_FILE"] = str(secret)
+        setting = source
+    elif source == "toml token":
+        config.write_text(f"[targets.eu]\ntoken = {json.dumps(value)}\n")
+        setting = "targets.eu.token"
+    elif source == "toml client id":
+        config.write_text(
+            f'[targets.eu]\noauth_client_id = {json.dumps(value)}\noauth_client_secret_file = "{secret}"\n'
+        )
+        setting = "targets.eu.oauth_client_id"
+    elif source == "token_file":
+        (tmp_path / "tok").write_text(value + "\n")
+        config.write_text(f'[targets.eu]\ntoken_file = "{tmp_path / "tok"}"\n')
+        setting = "targets.eu.token_file"
+    else:
+        (tmp_path / "creds").mkdir()
+        (tmp_path / "creds" / "eu.api-token").write_text(value)
+        config.write_text("[targets.eu]\n")
+        env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "creds")
+        setting = "credential eu.api-token"
+    with pytest.raises(ConfigError, match="must be printable ASCII without spaces or control characters") as info:
+        load_settings(str(config) if config.exists() else None, env)
+    _one_line_naming(info.value, setting, value)
+
+
+def test_sane_credentials_still_load(tmp_path: Path) -> None:
+    token = "".join(chr(c) for c in range(0x21, 0x7F))  # every printable ASCII character
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"[targets.a]\ntoken = {json.dumps(token)}\n"
+        f'[targets.b]\noauth_client_id = "id-1"\noauth_client_secret = "a secret with spaces and \u00e9"\n'
+    )
+    targets = load_settings(str(config), {}).targets
+    assert targets["a"].token is not None and targets["a"].token.reveal() == token
+    assert targets["b"].oauth is not None and targets["b"].oauth.client_secret.reveal().endswith("\u00e9")
+
+
+@pytest.mark.parametrize("secret", ["line\nbreak", "tab\tbed", "esc\x1b[0m", "del\x7f", "c1\x85"])
+def test_a_client_secret_with_control_characters_is_refused(tmp_path: Path, secret: str) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[targets.eu]\noauth_client_id = "id-1"\noauth_client_secret = {json.dumps(secret)}\n')
+    with pytest.raises(ConfigError, match="without control characters") as info:
+        load_settings(str(config), {})
+    _one_line_naming(info.value, "targets.eu.oauth_client_secret", secret)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"), [(b"\xff\xfe-not-utf8", "not UTF-8"), (b"x" * (65 * 1024), "larger than 64 KiB")]
+)
+def test_a_secret_file_that_is_not_text_is_refused(tmp_path: Path, content: bytes, fragment: str) -> None:
+    (tmp_path / "tok").write_bytes(content)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_settings(None, {"RELAY_API_TOKEN_FILE": str(tmp_path / "tok")})
+    assert str(info.value).startswith("targets.default.token_file: ")
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("token", ["tok\r\nX-Injected: 1", "t\u00e9k-secret"], ids=["crlf", "non-ascii"])
+def test_a_bad_token_is_one_line_and_exit_2_without_the_token(command: str, token: str) -> None:
+    result = cli(command, env={"RELAY_API_TOKEN": token, "RELAY_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
+    assert result.stderr == (
+        "outbox-relay: RELAY_API_TOKEN: must be printable ASCII without spaces or control characters\n"
+    )
+    for part in (token, "X-Injected", "k-secret"):
+        assert part not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://127.0.0.1:3128", None),
+        ("http://[::1]:3128/", None),
+        ("https://proxy.example.com:8443", None),
+        ("https://relay:pr0xy-pw@proxy.example.com", None),
+        ("http://relay:pr0xy-pw@proxy.example.com:3128", "plain http:// is refused for non-loopback proxy host"),
+        ("socks5://relay:pr0xy-pw@127.0.0.1:1080", "expected an https:// proxy URL"),
+        ("proxy.example.com:3128", "expected an https:// proxy URL"),
+        ("https://relay:pr0xy-pw@proxy.example.com:99999", "expected https://[user:password@]host[:port]"),
+        ("https://relay:pr0xy-pw@proxy.example.com/path", "no path, query or fragment"),
+        ("https://relay:pr0xy-pw@proxy.example.com?x=1", "no path, query or fragment"),
+    ],
+)
+def test_a_proxy_is_checked_like_a_base_url(tmp_path: Path, url: str, refused: str | None) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[targets.eu]\nproxy = "{url}"\n')
+    if refused is None:
+        proxy = load_settings(str(config), {}).targets["eu"].proxy
+        assert proxy is not None and proxy.reveal() == url
+        assert "pr0xy-pw" not in repr(load_settings(str(config), {}))
+        return
+    with pytest.raises(ConfigError, match=re.escape(refused)) as info:
+        load_settings(str(config), {})
+    assert str(info.value).startswith("targets.eu.proxy: ")
+    assert "pr0xy-pw" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_top_level_proxy_is_every_targets_default(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        'proxy = "https://proxy.example.com:8443"\n'
+        '[targets.a]\n[targets.b]\nproxy = "https://other.example.com"\n[targets.c]\nproxy = ""\n'
+    )
+    targets = load_settings(str(config), {}).targets
+    shown = {name: t.proxy.reveal() if t.proxy else None for name, t in targets.items()}
+    assert shown == {
+        "a": "https://proxy.example.com:8443",
+        "b": "https://other.example.com",
+        "c": None,
+        "default": "https://proxy.example.com:8443",
+    }
+    env = {"RELAY_PROXY": "http://127.0.0.1:3128", "HTTPS_PROXY": "https://ignored.example.com"}
+    assert load_settings(None, env).targets["default"].proxy == Secret("http://127.0.0.1:3128")
+    assert load_settings(None, {"HTTPS_PROXY": "https://ignored.example.com"}).targets["default"].proxy is None
