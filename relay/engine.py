@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from relay.classify import Decision, Verdict, classify
+from relay.classify import Answer, Decision, Verdict, classify
 from relay.client import RESPONSE_BODY_LIMIT, ApiClient, Sent, request_body
 from relay.errors import AuthError, DatabaseError
 from relay.flow import BreakerState, CircuitBreaker, TokenBucket
@@ -45,6 +45,14 @@ FLUSH_AFTER = LEASE_MARGIN / 4
 # that a 401/403 of another row sent before is that row's own refusal, not the whole target's.
 _PAST_AUTH = frozenset({400, 404, 409, 410, 422})
 _REFUSED_KEPT = 10_000
+
+
+def reached_api(answer: Answer) -> str:
+    """What an attempt row says of a request: ``answered``, ``maybe`` (no answer came and it may
+    have been applied) or ``no`` (it never left: its connection was not established)."""
+    if answer.status is not None:
+        return "answered"
+    return "maybe" if answer.maybe_sent else "no"
 
 
 class Observer(Protocol):
@@ -95,11 +103,6 @@ class Lane:
     # rows after that, the next refusal of the same row is its own.
     refused: dict[int, float] = field(default_factory=dict)
 
-    def refused_row(self, update_id: int, at: float) -> None:
-        if len(self.refused) >= _REFUSED_KEPT:  # keep the newest half; forgetting costs one pause
-            for old in sorted(self.refused, key=self.refused.__getitem__)[: _REFUSED_KEPT // 2]:
-                del self.refused[old]
-        self.refused.setdefault(update_id, at)
     # Requests sent, counted per second, so a 429 on a target without a rate limit has a rate
     # to lower: the one we were sending at.
     _window_start: float = 0.0
@@ -109,6 +112,12 @@ class Lane:
     @property
     def name(self) -> str:
         return self.settings.name
+
+    def refused_row(self, update_id: int, at: float) -> None:
+        if len(self.refused) >= _REFUSED_KEPT:  # keep the newest half; forgetting costs one pause
+            for old in sorted(self.refused, key=self.refused.__getitem__)[: _REFUSED_KEPT // 2]:
+                del self.refused[old]
+        self.refused.setdefault(update_id, at)
 
     def count_request(self) -> None:
         now = time.monotonic()
@@ -366,7 +375,7 @@ class Engine:
         attempt = AttemptRecord(
             update_id=row.id, claim_token=row.token, action_id=row.action_id, target=lane.name,
             attempt=number, started_at=started_at, duration_ms=(time.perf_counter() - start) * 1000.0,
-            http_status=None, outcome="unknown", error_code=code,
+            http_status=None, outcome="unknown", error_code=code, reached_api="maybe",
             error_message=f"the request was {why} before its answer arrived; it may have reached the API",
             response_body=None,
         )  # fmt: skip
@@ -480,6 +489,7 @@ class Engine:
             error_code=decision.error_code,
             error_message=decision.error_message,
             response_body=storable_bytes(sent.answer.body, RESPONSE_BODY_LIMIT) or None,
+            reached_api=reached_api(sent.answer),
         )
 
     def _settle(

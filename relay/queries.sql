@@ -67,10 +67,10 @@ with locked as (
               u.next_attempt_at as lease_until, u.sending_at is not null as marked
 ), lost as (
     insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
-        duration_ms, http_status, outcome, error_code, error_message, relay_id)
+        duration_ms, http_status, outcome, error_code, error_message, relay_id, reached_api)
     select c.id, c.action_id, c.target, c.requests, due.sending_at, 0, null, 'unknown', 'LeaseExpired',
            'the relay that sent this request stopped or lost its lease before recording an answer; '
-           || 'the request may have reached the API', coalesce(due.claimed_by, :relay_id)
+           || 'the request may have reached the API', coalesce(due.claimed_by, :relay_id), 'maybe'
     from claimed c join due on due.id = c.id
     where due.lost
 )
@@ -112,19 +112,19 @@ with r as (
     returning u.id, r.token
 ), attempts as (
     insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
-        duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id)
+        duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id, reached_api)
     select a.update_id, a.action_id, a.target, a.attempt, a.started_at, a.duration_ms, a.http_status,
            case when (a.update_id, a.token) in (select id, token from done) then a.outcome
                 else 'superseded' end,
-           a.error_code, a.error_message, a.response_body, :relay_id
+           a.error_code, a.error_message, a.response_body, :relay_id, a.reached_api
     from unnest(cast(:a_update_id as bigint[]), cast(:a_token as uuid[]),
                 cast(:a_action_id as text[]), cast(:a_target as text[]),
                 cast(:a_attempt as integer[]), cast(:a_started_at as timestamptz[]),
                 cast(:a_duration_ms as double precision[]), cast(:a_http_status as integer[]),
                 cast(:a_outcome as text[]), cast(:a_error_code as text[]), cast(:a_error_message as text[]),
-                cast(:a_response_body as text[]))
+                cast(:a_response_body as text[]), cast(:a_reached_api as text[]))
          as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
-              error_code, error_message, response_body)
+              error_code, error_message, response_body, reached_api)
     returning 1
 )
 select (select count(*) from done) as recorded, (select count(*) from attempts) as attempts
@@ -196,8 +196,8 @@ where action_id = :action_id
 order by target, id
 
 -- ops_audit_attempts --
-select update_id, attempt, started_at, duration_ms, http_status, outcome, error_code, error_message,
-       response_body, relay_id
+select update_id, attempt, started_at, duration_ms, http_status, reached_api, outcome, error_code,
+       error_message, response_body, relay_id
 from outbox.delivery_attempts
 where update_id = any(cast(:ids as bigint[]))
 order by update_id, started_at, attempt, id

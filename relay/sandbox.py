@@ -159,7 +159,7 @@ class SandboxConfig:
     oauth_clients: Mapping[str, str] = field(default_factory=_default_clients)
     token_lifetime: float = 3600.0
     unknown_prefix: str = "unknown-"
-    forbidden_prefix: str = "forbidden-"  # ids the token may not report on: 403, the row's own
+    forbidden_prefix: str = "denied-"  # ids the token may not report on: 403, the row's own
     faults: Faults = field(default_factory=Faults)
     seed: int | None = None
     log_path: str | Path | None = None

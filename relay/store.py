@@ -94,6 +94,7 @@ class AttemptRecord:
     error_code: str | None
     error_message: str | None
     response_body: str | None
+    reached_api: str = "answered"  # answered, maybe (no answer; it may have been applied), no (never left)
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,7 @@ class Store:
             "a_error_code": [a.error_code for a in attempts],
             "a_error_message": [a.error_message for a in attempts],
             "a_response_body": [a.response_body for a in attempts],
+            "a_reached_api": [a.reached_api for a in attempts],
         }
         rows = await self._rows("updates_record", params)
         return int(rows[0]["recorded"])

@@ -256,11 +256,13 @@ create table outbox.delivery_attempts (
     error_message text,
     response_body text,
     relay_id      text not null,
+    reached_api   text,
     constraint attempt_positive check (attempt >= 1),
     constraint outcome_known check (
         outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded',
                     'unknown')),
-    constraint response_body_max_4kib check (octet_length(response_body) <= 4096)
+    constraint response_body_max_4kib check (octet_length(response_body) <= 4096),
+    constraint reached_api_known check (reached_api in ('answered', 'maybe', 'no'))
 );
 comment on column outbox.delivery_attempts.attempt is 'Request number for this update: 1, 2, ...';
 comment on column outbox.delivery_attempts.outcome is
@@ -269,6 +271,9 @@ comment on column outbox.delivery_attempts.outcome is
     'superseded (answer arrived after the lease was lost, not recorded on the update); '
     'unknown (the request may have reached the API but no answer was recorded: the relay stopped, '
     'or the request was cut off)';
+comment on column outbox.delivery_attempts.reached_api is
+    'answered: an HTTP answer arrived; maybe: no answer, the request may have been applied; '
+    'no: it never left (the connection was not established). Null for requests made before 0002.';
 create index delivery_attempts_update_id on outbox.delivery_attempts (update_id, attempt);
 
 -- What each running relay does with each target; read by `outbox-relay status`.

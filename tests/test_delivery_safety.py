@@ -212,7 +212,7 @@ async def test_a_request_cut_off_at_shutdown_leaves_an_unknown_attempt_row(
 async def test_a_refusal_only_some_rows_get_is_theirs_and_never_pauses_the_target(
     database_url: str, db: psycopg.Connection
 ) -> None:
-    forbidden = [(f"forbidden-{i}", "SUCCESS", []) for i in range(3)]
+    forbidden = [(f"denied-{i}", "SUCCESS", []) for i in range(3)]
     seed_rows(database_url, forbidden + sample_updates(200))
     with Sandbox(SandboxConfig(seed=6)) as sb:
         settings = relay_settings(database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="3")
@@ -234,7 +234,7 @@ async def test_a_refusal_only_some_rows_get_is_theirs_and_never_pauses_the_targe
         "where state = 'dead' order by 1"
     ).fetchall()
     for action_id, attempts, status, last_error in dead:
-        assert action_id.startswith("forbidden-") and (attempts, status) == (3, 403)
+        assert action_id.startswith("denied-") and (attempts, status) == (3, 403)
         assert "gave up after 3 attempts" in last_error and "FORBIDDEN" in last_error
     bodies = db.execute(
         "select count(*) from outbox.delivery_attempts where http_status = 403 and response_body like '%FORBIDDEN%'"

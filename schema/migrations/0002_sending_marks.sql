@@ -10,6 +10,12 @@ alter table outbox.action_status_updates add column sending_at timestamptz;
 comment on column outbox.action_status_updates.sending_at is
     'Set just before the current claim''s request is sent; a claim that expires with it set may have reached the API.';
 
+alter table outbox.delivery_attempts add column reached_api text;
+alter table outbox.delivery_attempts add constraint reached_api_known check (reached_api in ('answered', 'maybe', 'no'));
+comment on column outbox.delivery_attempts.reached_api is
+    'answered: an HTTP answer arrived; maybe: no answer, the request may have been applied; '
+    'no: it never left (the connection was not established). Null for requests made before 0002.';
+
 alter table outbox.delivery_attempts drop constraint outcome_known;
 alter table outbox.delivery_attempts add constraint outcome_known check (
     outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded',
