@@ -167,11 +167,12 @@ def render_audit(entries: list[dict[str, Any]]) -> str:
         if entry["attempts"]:
             rows = [
                 [a["attempt"], report.when(a["started_at"]), round(a["duration_ms"]), a["http_status"],
-                 a["outcome"], a["error_code"], a["relay_id"], report.clean(a["error_message"], 60),
-                 report.clean(a["response_body"], 60)]
+                 a["reached_api"], a["outcome"], a["error_code"], a["relay_id"],
+                 report.clean(a["error_message"], 60), report.clean(a["response_body"], 60)]
                 for a in entry["attempts"]
             ]  # fmt: skip
-            headers = ["#", "STARTED", "MS", "HTTP", "OUTCOME", "CODE", "RELAY", "MESSAGE", "RESPONSE BODY"]
+            headers = ["#", "STARTED", "MS", "HTTP", "REACHED API", "OUTCOME", "CODE", "RELAY", "MESSAGE",
+                       "RESPONSE BODY"]  # fmt: skip
             text += ["", report.table(headers, rows, indent="  ")]
         else:
             text += ["", "  no attempts yet"]
@@ -466,8 +467,10 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command(
         "audit", cmd_audit, "an update and every HTTP attempt made for it",
         "Show every column of outbox.delivery_audit for the action (one row per target it was sent\n"
-        "to) and every attempt in order: start, duration, HTTP status, outcome, error, response\n"
-        "body (cut short here; complete with --json), relay. Exit 1 when the action is unknown.\n\n"
+        "to) and every attempt in order: start, duration, HTTP status, whether it reached the API\n"
+        "(answered; maybe: no answer, it may have been applied; no: it never left), outcome, error,\n"
+        "response body (cut short here; complete with --json), relay. Exit 1 when the action is\n"
+        "unknown.\n\n"
         "example:\n  outbox-relay audit 1ba5fc4b-c4fd-4a52-9c43-0c3e6ea3b2a3 --json",
     )  # fmt: skip
     p.add_argument("action_id", metavar="ACTION_ID", help="the action id the application enqueued")

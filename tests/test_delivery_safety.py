@@ -7,18 +7,32 @@ constraint a test adds, a row deleted under the relay's feet, a row lock that ho
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from relay.client import ApiClient
 from relay.engine import Engine
 from relay.recorder import Recorder
-from relay.sandbox import Faults, Sandbox, SandboxConfig
+from relay.sandbox import DEFAULT_TOKEN, Faults, Sandbox, SandboxConfig
 from relay.settings import Secret
 from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
-from tests.relaykit import relay_settings, sample_updates, seed_rows, states, wait_until
+from tests.hostile_api import Behaviour, HostileApi
+from tests.relaykit import (
+    cli,
+    relay_env,
+    relay_settings,
+    sample_updates,
+    seed_rows,
+    start_relay_process,
+    states,
+    wait_until,
+)
 
 
 def _attempt(row: ClaimedRow, message: str | None = None) -> AttemptRecord:
@@ -240,3 +254,123 @@ async def test_a_refusal_only_some_rows_get_is_theirs_and_never_pauses_the_targe
         "select count(*) from outbox.delivery_attempts where http_status = 403 and response_body like '%FORBIDDEN%'"
     ).fetchone()
     assert bodies is not None and bodies[0] >= 9  # every refusal recorded with the API's answer
+
+
+@pytest.mark.chaos
+def test_after_kill_9_only_requests_that_left_are_ambiguous(database_url: str, tmp_path: Path) -> None:
+    ids = [f"unknown-{i:02d}" for i in range(10)]  # the API answers 404 for every one of them
+    slow = Behaviour(404, b"", drip=1.0, drip_head=True)  # a head that takes seconds to arrive
+    with HostileApi({"unknown-": slow}) as api:
+        first = start_relay_process(
+            relay_env(database_url, api.url, RELAY_MAX_CONCURRENCY="2", RELAY_REQUEST_TIMEOUT="3",
+                      RELAY_LEASE="5", RELAY_ID="killed"),
+            tmp_path / "killed.log",
+        )  # fmt: skip
+        try:
+            seed_rows(database_url, [(a, "SUCCESS", []) for a in ids])
+            # Two requests in flight (concurrency 2), two more rows claimed and waiting for a slot.
+            assert api.wait_for(lambda: api.request_total == 2, 30), (tmp_path / "killed.log").read_text()
+            first.send_signal(signal.SIGKILL)
+            first.wait(15)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait(15)
+        reached = {a for a, n in api.requests.items() if n}
+        with psycopg.connect(database_url) as conn:
+            in_flight = "select action_id from outbox.action_status_updates where state = 'in_flight'"
+            held = {a for (a,) in conn.execute(in_flight).fetchall()}
+        api.behaviours.clear()  # from now on the API answers at once: 404
+        second = start_relay_process(relay_env(database_url, api.url, RELAY_ID="second"), tmp_path / "second.log")
+        try:
+            assert wait_until(lambda: set(states(database_url)) <= {"delivered", "dead"}, 60)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+    assert len(reached) == 2 and reached < held and len(held) == 4
+    with psycopg.connect(database_url) as conn:
+        final = dict(conn.execute("select action_id, state from outbox.action_status_updates").fetchall())
+        attempts = conn.execute(
+            "select u.action_id, d.attempt, d.outcome, d.error_code, d.reached_api, d.relay_id "
+            "from outbox.delivery_attempts d join outbox.action_status_updates u on u.id = d.update_id "
+            "order by 1, 2"
+        ).fetchall()
+    # A request that left may have been applied: the 404 then means delivered, as the contract says.
+    # A row the killed relay held but never sent is not ambiguous: its 404 means dead.
+    assert final == {a: "delivered" if a in reached else "dead" for a in ids}
+    for a in reached:
+        assert [r[1:] for r in attempts if r[0] == a] == [
+            (1, "unknown", "LeaseExpired", "maybe", "killed"),
+            (2, "delivered_earlier", "NOT_FOUND", "answered", "second"),
+        ]
+    for a in set(ids) - reached:
+        assert [r[1:] for r in attempts if r[0] == a] == [(1, "dead", "NOT_FOUND", "answered", "second")]
+    audit = cli("audit", sorted(reached)[0], "--json", env={"RELAY_DATABASE_URL": database_url})
+    assert audit.returncode == 0, audit.stderr
+    (update,) = json.loads(audit.stdout)["updates"]
+    assert [a["reached_api"] for a in update["attempts"]] == ["maybe", "answered"]
+
+
+class _SlowTokens:
+    """A token source whose fetch (or, with ``first_stale``, whose renewal after the API refused the
+    stale first token with a 401) takes ``cost`` seconds of the engine's clock: an OAuth endpoint
+    that answers slowly."""
+
+    can_renew = True
+
+    def __init__(self, clock: _Clock, cost: float, good: str, *, first_stale: bool) -> None:
+        self.clock, self.cost, self.good = clock, cost, good
+        self.first_stale = first_stale
+        self.fetches = 0
+
+    async def token(self) -> str | None:
+        self.fetches += 1
+        if self.first_stale:
+            return "stale-token"  # at once: the time goes on the renewal
+        self.clock.offset += self.cost
+        return self.good
+
+    async def renew(self, rejected: str | None) -> str | None:
+        self.fetches += 1
+        self.clock.offset += self.cost
+        return self.good
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.offset)
+
+
+@pytest.mark.parametrize("where", ["token fetch", "401 renewal"])
+async def test_no_request_leaves_when_the_token_used_up_the_lease(
+    database_url: str, db: psycopg.Connection, where: str
+) -> None:
+    seed_rows(database_url, [("slow-token-1", "SUCCESS", [])])
+    clock = _Clock()
+    with Sandbox(SandboxConfig()) as sb:
+        # lease 8 s, request deadline 2 s: a request needs 3 s of lease when it leaves.
+        settings = relay_settings(database_url, sb.url)
+        store = Store(Secret(database_url))
+        client = ApiClient(settings.targets["default"])
+        client.tokens = _SlowTokens(clock, 6.0, DEFAULT_TOKEN, first_stale=where == "401 renewal")
+        engine = Engine(settings, store, clients={"default": client}, clock=clock)
+        try:
+            await engine.run_once()
+        finally:
+            await engine.close()
+            await store.close()
+        puts = [r for r in sb.requests if r.method == "PUT"]
+    row = db.execute(
+        "select state, requests, attempts, claim_token, sending_at from outbox.action_status_updates"
+    ).fetchone()
+    attempts = db.execute("select outcome, http_status from outbox.delivery_attempts").fetchall()
+    if where == "token fetch":
+        assert puts == [] and attempts == []  # 6 s of an 8 s lease went on the token: not sent
+        assert row == ("pending", 0, 0, None, None)
+    else:
+        assert [r.status for r in puts] == [401]  # the renewal took 6 s: the second PUT stayed home
+        assert attempts == [("reauth", 401)]
+        assert row == ("pending", 1, 0, None, None)

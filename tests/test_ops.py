@@ -78,11 +78,13 @@ def add(
         final = n == len(attempts)
         db.execute(
             """insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,
-                   duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id)
+                   duration_ms, http_status, outcome, error_code, error_message, response_body, relay_id,
+                   reached_api)
                values (%s, %s, %s, %s, now() - %s::interval - make_interval(secs => %s), 12.5, %s, %s, %s, %s, %s,
-                       'relay-a')""",
+                       'relay-a', case when %s::integer is null then 'maybe' else 'answered' end)""",
             (uid, action_id, target, n, age, len(attempts) - n + 1, http, outcome, code,
-             (message if final else None) or (f"{code} from the API" if code else None), body if final else None),
+             (message if final else None) or (f"{code} from the API" if code else None), body if final else None,
+             http),
         )  # fmt: skip
     return uid
 
@@ -229,8 +231,8 @@ def test_audit_shows_the_update_and_every_attempt_in_order(
         400,
     )
     assert update["errors"] == [{"code": "OTHER", "message": "refused by the shop"}]
-    assert [(a["attempt"], a["outcome"], a["http_status"], a["error_code"]) for a in attempts] == [
-        (1, "retry", None, "ReadTimeout"), (2, "dead", 400, "INVALID_INPUT")]  # fmt: skip
+    assert [(a["attempt"], a["outcome"], a["http_status"], a["error_code"], a["reached_api"]) for a in attempts] == [
+        (1, "retry", None, "ReadTimeout", "maybe"), (2, "dead", 400, "INVALID_INPUT", "answered")]  # fmt: skip
     assert attempts[0]["started_at"] < attempts[1]["started_at"]
     assert attempts[1]["response_body"] == LONG_BODY and attempts[1]["relay_id"] == "relay-a"
     assert attempts[1]["duration_ms"] == 12.5
@@ -241,7 +243,7 @@ def test_audit_shows_the_update_and_every_attempt_in_order(
     assert "\x1b" not in out and "bad \\x1b[31mred\\x1b[0m input" in out  # escaped, not obeyed
     assert "END-OF-BODY" not in out and report.ELLIPSIS in out  # the body is cut short
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s+\d{4}-", line)]
-    assert [(r[0], r[4], r[5]) for r in rows] == [("1", "-", "retry"), ("2", "400", "dead")]
+    assert [(r[0], r[4], r[5], r[6]) for r in rows] == [("1", "-", "maybe", "retry"), ("2", "400", "answered", "dead")]
     for column in ("action_id", "time_to_deliver", "last_error", "requeue_reason"):
         assert re.search(rf"^\s+{column}\s", out, re.MULTILINE), column
 
