@@ -124,7 +124,7 @@ async def test_ambiguous_answers_end_delivered_and_applied_once(database_url: st
         outcomes = conn.execute(
             "select attempt, outcome, error_code, count(*) from outbox.delivery_attempts group by 1, 2, 3 order by 1"
         ).fetchall()
-    first = "UNEXPECTED" if fault == "apply_500" else "ReadTimeout"
+    first = "UNEXPECTED" if fault == "apply_500" else "DeadlineExceeded"
     assert outcomes == [(1, "retry", first, 20), (2, "delivered_earlier", "ACTION_ALREADY_FINAL", 20)]
 
 
