@@ -452,6 +452,13 @@ def test_sigterm_mid_drain_exits_0_in_time_and_leaves_nothing_in_flight(
         assert unknown == applied
         assert len(unknown) == concurrency
         assert all(r[2] == 0 for r in untouched)
+        # Each request cut off has its attempt row: outcome unknown, may have reached the API.
+        cut_off = _query(
+            database_url,
+            "select u.action_id, d.outcome, d.reached_api from outbox.delivery_attempts d "
+            "join outbox.action_status_updates u on u.id = d.update_id",
+        )
+        assert sorted(cut_off) == sorted((a, "unknown", "maybe") for a in unknown)
 
 
 # -- 5. a lease that runs out while its request is in flight ------------------------------------
