@@ -93,7 +93,7 @@ class Relay:
         self.settings = settings
         self.monotonic = monotonic
         self.store = Store(settings.require_database_url(), pool_size=4)
-        self.metrics = Metrics()
+        self.metrics = Metrics(targets=settings.targets)
         self.engine = Engine(settings, self.store, observer=observer or self.metrics)
         self.metrics_server: MetricsServer | None = None
         self.notifier = Notifier(settings.systemd)
@@ -108,6 +108,7 @@ class Relay:
         self._drain_started: float | None = None  # time.monotonic() when the last drain began
         self._stalled_from: float | None = None  # last progress before the stall being reported
         self._pause_alerts: dict[str, int] = {}  # target -> pause_alerts_due() already logged
+        self._probe_failing = False  # the health check's last database check failed
 
     # -- wake-ups --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -210,11 +211,23 @@ class Relay:
         return self.drain_problem() is None
 
     async def health(self) -> tuple[bool, str]:
-        """For ``/healthz``: the database answers and the drain job is healthy (:meth:`drain_problem`)."""
+        """For ``/healthz``: the database answers and the drain job is healthy (:meth:`drain_problem`).
+
+        The database is checked on a connection of its own (:class:`relay.store.HealthProbe`),
+        never one of the delivery pool's. When it fails the answer is ``database unreachable`` and nothing
+        of the driver's message (which can name the host, port, user and database): the reason
+        goes to the log, once when the database becomes unreachable.
+        """
         try:
-            await self.store.ping()
+            await self.store.probe.ping()
         except RelayError as exc:
-            return False, f"database: {exc}"
+            if not self._probe_failing:
+                self._probe_failing = True
+                log.warning("health check: database unreachable", extra={"error": str(exc)})
+            return False, "database unreachable"
+        if self._probe_failing:
+            self._probe_failing = False
+            log.info("health check: database reachable again")
         problem = self.drain_problem()
         if problem is not None:
             return False, problem
@@ -230,8 +243,7 @@ class Relay:
         states = self.engine.lane_states()
         try:
             await self.store.heartbeat(self.settings.relay_id, states)
-            for backlog in await self.store.backlog(list(self.settings.targets)):
-                self.metrics.backlog(backlog.target, backlog.pending, backlog.oldest_pending_seconds)
+            self.metrics.backlogs(await self.store.backlog(list(self.settings.targets)))
         except RelayError as exc:
             log.debug("heartbeat failed", extra={"error": str(exc)})
         paused_for = self.engine.paused_for()

@@ -34,6 +34,8 @@ from relay.errors import ConfigError
 DEFAULT_API_BASE_URL = "https://miraklconnect.com/api/channel-platform"
 DEFAULT_OAUTH_TOKEN_URL = "https://auth.mirakl.net/oauth/token"  # noqa: S105 (a URL, not a secret)
 DEFAULT_TARGET = "default"
+# The metrics label value of every target not configured (relay.metrics.UNCONFIGURED).
+RESERVED_TARGET = "unconfigured"
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 TOKEN_RULE = "must be printable ASCII without spaces or control characters"  # noqa: S105
@@ -320,6 +322,11 @@ def _target(
     where = f"targets.{name}"
     if not TARGET_NAME.match(name):
         raise ConfigError(f"{where}: a target name is 1-63 letters, digits, '_', '-' or '.'")
+    if name == RESERVED_TARGET:
+        raise ConfigError(
+            f"{where}: the name {RESERVED_TARGET!r} is reserved (metrics export every "
+            "target not configured under it)"
+        )
     _check_keys(table, _TARGET_KEYS, where)
     merged = {**defaults, **table}
     prefix = "" if name == DEFAULT_TARGET else f"{name}."

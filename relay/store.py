@@ -8,6 +8,7 @@ SQLAlchemy errors are translated into the :mod:`relay.errors` tree here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -150,7 +151,7 @@ def _translate(exc: BaseException) -> Exception:
 
 
 class Store:
-    """Named queries over one small connection pool."""
+    """Named queries over one small connection pool, and the health check's own connection (``probe``)."""
 
     def __init__(self, url: Secret, *, pool_size: int = 4, application_name: str = "outbox-relay") -> None:
         self.url = url
@@ -163,8 +164,11 @@ class Store:
         )
         # Every named query is a single statement: atomic on its own, no BEGIN/COMMIT round trips.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The health check's connection, outside the pool (opened on first use).
+        self.probe = HealthProbe(url, application_name=f"{application_name} health")
 
     async def close(self) -> None:
+        await self.probe.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -445,6 +449,54 @@ class Store:
         params = {"older_than": older_than, "limit": limit, "start": start}
         row = (await self._rows(f"ops_purge_{state}", params))[0]
         return int(row["updates"]), int(row["attempts"]), row["reached"] or start
+
+
+class HealthProbe:
+    """The ``/healthz`` database check, on one connection of its own, never from the pool.
+
+    So a starved delivery pool does not fail health checks, and health checks never take a
+    connection delivery needs. The connection is opened on first use with a short connect
+    timeout and statement timeout, and reopened after any failure. Checks made at the same
+    time take turns on it.
+    """
+
+    CONNECT_TIMEOUT = 2  # seconds (libpq's smallest useful value)
+    STATEMENT_TIMEOUT_MS = 2000
+
+    def __init__(self, url: Secret, *, application_name: str = "outbox-relay health") -> None:
+        self.url = url
+        self.application_name = application_name
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def ping(self) -> None:
+        """``select 1`` on the probe's connection; :class:`DatabaseError` when it cannot."""
+        async with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await psycopg.AsyncConnection.connect(
+                        libpq_url(self.url),
+                        autocommit=True,
+                        connect_timeout=self.CONNECT_TIMEOUT,
+                        application_name=self.application_name,
+                        options=f"-c statement_timeout={self.STATEMENT_TIMEOUT_MS}",
+                    )
+                await self._conn.execute("select 1")
+            except BaseException as exc:  # a cancelled check leaves the session in doubt too
+                await self._drop()
+                if isinstance(exc, psycopg.Error | OSError):
+                    raise _translate(exc) from exc
+                raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
 
 
 class MigrationSession:
