@@ -21,7 +21,15 @@ from relay import report
 from relay.client import ApiClient
 from relay.errors import ConfigError, NotFound, RelayError, SchemaError
 from relay.migrations import latest_version
-from relay.settings import Settings, TargetSettings, parse_duration
+from relay.settings import (
+    DAY,
+    PURGE_MIN_AGE,
+    Settings,
+    TargetSettings,
+    duration_in,
+    parse_duration,
+    whole_in,
+)
 from relay.store import Store
 
 T = TypeVar("T")
@@ -49,9 +57,18 @@ def _duration(text: str) -> float:
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+    try:
+        return whole_in(text, "n", 1, 1_000_000)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("n: ")) from None
+
+
+def _older_than(text: str) -> float:
+    """``purge --older-than``: at least PURGE_MIN_AGE (one hour), so a slip cannot empty the outbox."""
+    try:
+        return duration_in(text, "age", PURGE_MIN_AGE, 100 * 365 * DAY)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("age: ")) from None
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -523,8 +540,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "is configured.\n\nexamples:\n  outbox-relay purge --older-than 30d --dry-run\n"
         "  outbox-relay purge --older-than 90d --include-dead",
     )  # fmt: skip
-    p.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
-                   help="finished longer ago than this (e.g. 30d, 12h)")  # fmt: skip
+    p.add_argument("--older-than", type=_older_than, required=True, metavar="DURATION",
+                   help="finished longer ago than this (e.g. 30d, 12h); at least 1h")  # fmt: skip
     p.add_argument("--include-dead", action="store_true", help="also delete dead updates")
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--batch-size", type=_positive, default=PURGE_BATCH, metavar="N",

@@ -19,9 +19,11 @@ friends), checked like a base URL; it may carry a user and password, so it is a 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,39 +73,84 @@ class Secret:
         return hash(self._value)
 
 
+def _show(seconds: float) -> str:
+    """A duration in the largest unit that divides it: ``10ms``, ``30s``, ``1h``, ``365d``."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("w", "d", "h", "m", "s"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+
+
 def parse_duration(value: object, name: str) -> float:
     """Seconds from a number or a string like ``250ms``, ``30s``, ``5m``, ``6h``, ``30d``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a duration such as 30s, 5m or 6h, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if not isinstance(value, int) or abs(value) < 10**18 else math.inf
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    else:
-        raise ConfigError(f"{name}: expected a duration such as 30s, 5m or 6h, got {value!r}")
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(f"{name}: expected a duration such as 30s, 5m or 6h, got {_brief(value)}")
     if seconds < 0:
-        raise ConfigError(f"{name}: must not be negative, got {value!r}")
+        raise ConfigError(f"{name}: must not be negative, got {_brief(value)}")
     return seconds
 
 
-def _positive_int(value: object, name: str) -> int:
+def _brief(value: object) -> str:
+    """``repr`` of an operator's value, cut short (a 10 MB string must not become the message)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def duration_in(value: object, name: str, low: float, high: float) -> float:
+    """A duration from ``low`` to ``high`` seconds (both included); one line naming both."""
+    rule = f"expected a duration from {_show(low)} to {_show(high)} (e.g. 30s, 5m, 6h)"
     try:
-        number = int(str(value).strip()) if not isinstance(value, bool) else -1
-    except ValueError:
-        number = -1
-    if number < 1:
-        raise ConfigError(f"{name}: expected a whole number of at least 1, got {value!r}")
+        seconds = parse_duration(value, name)
+    except ConfigError:
+        raise ConfigError(f"{name}: {rule}, got {_brief(value)}") from None
+    if not low <= seconds <= high:
+        raise ConfigError(f"{name}: {rule}, got {_brief(value)}")
+    return seconds
+
+
+def whole_in(value: object, name: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high``: a TOML integer, or digits in a variable or flag."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,19}\s*", value):
+        number = int(value)
+    if number is None or not low <= number <= high:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {_brief(value)}")
     return number
 
 
-def _positive_float(value: object, name: str) -> float:
-    try:
-        number = float(str(value).strip()) if not isinstance(value, bool) else -1.0
-    except ValueError:
-        number = -1.0
-    if not number > 0:
-        raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+def number_in(value: object, name: str, low: float, high: float) -> float:
+    """A finite number from ``low`` to ``high``."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value) if not isinstance(value, int) or abs(value) < 10**18 else math.inf
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*", value):
+        number = float(value)
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        raise ConfigError(f"{name}: expected a number from {low:g} to {high:g}, got {_brief(value)}")
     return number
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def boolean(value: object, name: str, from_env: bool = False) -> bool:
+    """A TOML boolean, or (from a variable) true/false/1/0/yes/no/on/off in any case."""
+    if isinstance(value, bool):
+        return value
+    if from_env and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    accepted = "true/false/1/0/yes/no/on/off" if from_env else "true or false (a TOML boolean, unquoted)"
+    raise ConfigError(f"{name}: expected {accepted}, got {_brief(value)}")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -168,6 +215,40 @@ def check_url(url: str, name: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"{name}: must not carry a query or fragment: {url!r}")
     return url.rstrip("/")
+
+
+DAY = 86400.0
+# Every number's range: key -> (kind, minimum, maximum, default). The README's table is this one.
+RANGES: dict[str, tuple[str, float, float, float | None]] = {
+    "poll_interval": ("duration", 0.01, 3600.0, 5.0),
+    "batch_size": ("whole", 1, 10_000, 100),
+    "lease": ("duration", 1.0, DAY, 60.0),
+    "shutdown_timeout": ("duration", 0.0, 3600.0, 20.0),
+    "retention": ("duration", 3600.0, 3650 * DAY, None),
+    "request_timeout": ("duration", 0.01, 3600.0, 10.0),
+    "max_concurrency": ("whole", 1, 10_000, 64),
+    "rate_limit": ("number", 0.001, 1_000_000.0, None),
+    "retry.base_delay": ("duration", 0.001, DAY, 2.0),
+    "retry.max_delay": ("duration", 0.001, 7 * DAY, 600.0),
+    "retry.max_attempts": ("whole", 1, 1000, 20),
+    "retry.max_age": ("duration", 1.0, 365 * DAY, 12 * 3600.0),
+    "breaker.failure_threshold": ("whole", 1, 1_000_000, 5),
+    "breaker.open_for": ("duration", 0.01, DAY, 2.0),
+    "breaker.max_open_for": ("duration", 0.01, DAY, 15.0),
+}
+PURGE_MIN_AGE = 3600.0  # `purge --older-than` and `retention`: never younger than one hour
+
+
+def ranged(key: str, value: object, name: str | None = None) -> Any:
+    """``value`` checked against ``RANGES[key]``; ``name`` is what the message calls it."""
+    kind, low, high, default = RANGES[key]
+    value = default if value is None else value
+    label = name or key
+    if kind == "duration":
+        return duration_in(value, label, low, high)
+    if kind == "whole":
+        return whole_in(value, label, int(low), int(high))
+    return number_in(value, label, low, high)
 
 
 @dataclass(frozen=True)
@@ -260,10 +341,36 @@ _TARGET_KEYS = {
 }  # fmt: skip
 
 
-def _read_secret_file(path: str, name: str) -> Secret:
-    """The stripped text of a secret file, read up to SECRET_FILE_LIMIT bytes (not /dev/zero)."""
+SECRET_FILE_RULE = "refused: group or other users can access it"  # noqa: S105
+
+
+def _private(fh: Any, path: str, name: str, env: Mapping[str, str]) -> None:
+    """Refuse a secret file that group or other users can read or write, as ssh and PostgreSQL do
+    for key files; a systemd credential (under $CREDENTIALS_DIRECTORY) is accepted as it is."""
+    info = os.fstat(fh.fileno())
+    if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o077:
+        return
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        try:
+            if Path(path).resolve().is_relative_to(Path(directory).resolve()):
+                return
+        except (OSError, ValueError):
+            pass
+    mode = stat.S_IMODE(info.st_mode)
+    raise ConfigError(
+        f"{name}: {path} has mode {mode:04o}, {SECRET_FILE_RULE}; run chmod 600 {path}"
+    )
+
+
+def _read_secret_file(path: str, name: str, env: Mapping[str, str] | None = None) -> Secret:
+    """The stripped text of a secret file, read up to SECRET_FILE_LIMIT bytes (not /dev/zero).
+
+    Unless ``env`` is None (a systemd credential), the file must be private to its owner."""
     try:
         with open(path, "rb") as fh:
+            if env is not None:
+                _private(fh, path, name, env)
             data = fh.read(SECRET_FILE_LIMIT + 1)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from exc
@@ -298,6 +405,103 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+
+
+def _table(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table ([{where}]), got {_brief(value)}")
+    return dict(value)
+
+
+_DB_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+_DB_RULE = "expected postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]"
+
+
+def database_params(url: Secret) -> dict[str, str]:
+    """The libpq keywords of a ``postgresql://`` URL, percent-decoded exactly once.
+
+    Nothing here renders the URL back into text: a password with ``%``, ``@``, ``/``, spaces or
+    non-ASCII letters reaches libpq as it was meant. Messages never quote the URL.
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import make_conninfo
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    text = url.reveal().strip()
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
+    if scheme not in _DB_SCHEMES:
+        raise ConfigError(f"database_url: {_DB_RULE} (scheme postgresql, postgres or postgresql+psycopg)")
+    try:
+        parsed = make_url(text)
+        port = parsed.port
+    except ArgumentError:
+        raise ConfigError(f"database_url: {_DB_RULE}") from None
+    except ValueError:  # the port is not a number
+        raise ConfigError("database_url: the port must be a number from 1 to 65535") from None
+    params: dict[str, str] = {}
+    for key, value in (("host", parsed.host), ("user", parsed.username),
+                       ("password", parsed.password), ("dbname", parsed.database)):  # fmt: skip
+        if value:
+            params[key] = value
+    if port is not None:
+        params["port"] = str(port)
+    for key, given in parsed.query.items():
+        params[key] = given if isinstance(given, str) else ",".join(given)
+        try:
+            make_conninfo("", **{key: "1"})
+        except ProgrammingError:
+            raise ConfigError(f"database_url: unknown connection parameter {_brief(key)}") from None
+    for port_text in params.get("port", "").split(",") if "port" in params else ():
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError("database_url: the port must be a number from 1 to 65535")
+    if any("\x00" in v for v in params.values()):
+        raise ConfigError(f"database_url: {_DB_RULE}")
+    return params
+
+
+def _inline_secret(doc: Mapping[str, Any]) -> str | None:
+    """The first key of the config document that holds a secret inline, or None."""
+    url = doc.get("database_url")
+    if isinstance(url, str):
+        try:
+            if database_params(Secret(url)).get("password"):
+                return "database_url"
+        except ConfigError:
+            pass
+    proxies = [("proxy", doc.get("proxy"))]
+    targets = doc.get("targets")
+    for name, table in (targets.items() if isinstance(targets, dict) else ()):
+        if isinstance(table, dict):
+            for key in ("token", "oauth_client_secret"):
+                if key in table:
+                    return f"targets.{name}.{key}"
+            proxies.append((f"targets.{name}.proxy", table.get("proxy")))
+    for key, proxy in proxies:
+        if isinstance(proxy, str):
+            try:
+                if urlsplit(proxy.strip()).password:
+                    return key
+            except ValueError:
+                pass
+    return None
+
+
+def _inline_secrets_private(path: str, doc: Mapping[str, Any]) -> None:
+    """A config file holding a secret inline must not be readable by every user (0640 is fine:
+    systemd setups use root:outbox-relay 0640)."""
+    key = _inline_secret(doc)
+    if key is None:
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o006:
+        raise ConfigError(
+            f"config file {path}: holds the secret {key} inline but has mode {mode:04o}, readable by "
+            f"every user; run chmod 600 {path} (or 640 for a group), or move the secret to a *_file setting"
+        )
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -337,7 +541,7 @@ def _target(
         token = Secret(_token_text(str(merged["token"]), f"{where}.token"))
     if "token_file" in merged:
         token_file = Path(str(merged["token_file"]))
-        token = _read_secret_file(str(token_file), f"{where}.token_file")
+        token = _read_secret_file(str(token_file), f"{where}.token_file", env)
         _token_text(token.reveal(), f"{where}.token_file")
     if token is None and (token := _credential(env, f"{prefix}api-token")) is not None:
         _token_text(token.reveal(), f"credential {prefix}api-token")
@@ -351,7 +555,7 @@ def _target(
             secret, secret_name = Secret(str(merged["oauth_client_secret"])), f"{where}.oauth_client_secret"
         if "oauth_client_secret_file" in merged:
             secret_name = f"{where}.oauth_client_secret_file"
-            secret = _read_secret_file(str(merged["oauth_client_secret_file"]), secret_name)
+            secret = _read_secret_file(str(merged["oauth_client_secret_file"]), secret_name, env)
         secret = secret or _credential(env, f"{prefix}oauth-client-secret")
         if secret is None:
             raise ConfigError(
@@ -376,12 +580,9 @@ def _target(
         token=token,
         token_file=token_file,
         oauth=oauth,
-        request_timeout=_positive_float(
-            parse_duration(merged.get("request_timeout", 10.0), f"{where}.request_timeout"),
-            f"{where}.request_timeout",
-        ),
-        max_concurrency=_positive_int(merged.get("max_concurrency", 64), f"{where}.max_concurrency"),
-        rate_limit=None if rate in (None, 0, "0", "") else _positive_float(rate, f"{where}.rate_limit"),
+        request_timeout=ranged("request_timeout", merged.get("request_timeout"), f"{where}.request_timeout"),
+        max_concurrency=ranged("max_concurrency", merged.get("max_concurrency"), f"{where}.max_concurrency"),
+        rate_limit=None if rate in (None, 0, "0", "") else ranged("rate_limit", rate, f"{where}.rate_limit"),
         ca_bundle=Path(str(ca_bundle)) if ca_bundle else None,
         proxy=check_proxy(str(merged.get("proxy", "")), f"{where}.proxy"),
     )
@@ -417,6 +618,9 @@ _ENV_DEFAULT_TARGET = {
     "RELAY_OAUTH_TOKEN_URL": "oauth_token_url",
     "RELAY_PROXY": "proxy",
 }
+# A variable for one form of a secret replaces the file's other form of it (token vs token_file).
+_OTHER_FORM = {"token": "token_file", "token_file": "token",
+               "oauth_client_secret_file": "oauth_client_secret"}  # fmt: skip
 # Keys of the top level that also serve as defaults for every target.
 _TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_bundle", "proxy")
 # Variables that carry a token or client id: checked under their own name (the value never shown).
@@ -429,17 +633,19 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     path = config or env.get("RELAY_CONFIG")
     doc: dict[str, Any] = _load_toml(path) if path else {}
     _check_keys(doc, _TOP_KEYS, "config")
+    if path:
+        _inline_secrets_private(path, doc)
 
     top = {k: v for k, v in doc.items() if k not in ("retry", "breaker", "targets")}
     top.update({key: env[var] for var, key in _ENV_TOP.items() if env.get(var, "") != ""})
-    retry_table = dict(doc.get("retry", {}))
+    retry_table = _table(doc.get("retry", {}), "retry")
     _check_keys(retry_table, {"base_delay", "max_delay", "max_attempts", "max_age"}, "retry")
     retry_table.update({key: env[var] for var, key in _ENV_RETRY.items() if env.get(var, "") != ""})
-    breaker_table = dict(doc.get("breaker", {}))
+    breaker_table = _table(doc.get("breaker", {}), "breaker")
     _check_keys(breaker_table, {"failure_threshold", "open_for", "max_open_for"}, "breaker")
 
     targets_doc: dict[str, dict[str, Any]] = {
-        str(k): dict(v) for k, v in dict(doc.get("targets", {})).items()
+        str(k): _table(v, f"targets.{k}") for k, v in _table(doc.get("targets", {}), "targets").items()
     }
     default_table = targets_doc.setdefault(DEFAULT_TARGET, {})
     for var in _ENV_TOKEN_TEXT:
@@ -447,6 +653,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
             _token_text(env[var], var)
     for var, key in _ENV_DEFAULT_TARGET.items():
         if env.get(var, "") != "":
+            default_table.pop(_OTHER_FORM.get(key, ""), None)
             default_table[key] = env[var]
     # A variable overrides the file's other kind of auth; both kinds in variables is an error.
     env_token = env.get("RELAY_API_TOKEN_FILE") or env.get("RELAY_API_TOKEN")
@@ -456,6 +663,11 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     if env_oauth and not env_token:
         default_table.pop("token", None)
         default_table.pop("token_file", None)
+    for key in ("request_timeout", "max_concurrency"):
+        if key in top:
+            ranged(key, top[key])  # named as the key it was given as, not as a target's
+    if top.get("rate_limit") not in (None, 0, "0", ""):
+        ranged("rate_limit", top["rate_limit"])
     target_defaults = {k: top[k] for k in _TARGET_DEFAULT_KEYS if k in top}
     targets = {
         name: _target(name, table, target_defaults, env) for name, table in targets_doc.items()
@@ -465,42 +677,34 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     if env.get("RELAY_DATABASE_URL"):
         database_url = Secret(env["RELAY_DATABASE_URL"])
     elif env.get("RELAY_DATABASE_URL_FILE"):
-        database_url = _read_secret_file(env["RELAY_DATABASE_URL_FILE"], "RELAY_DATABASE_URL_FILE")
+        database_url = _read_secret_file(env["RELAY_DATABASE_URL_FILE"], "RELAY_DATABASE_URL_FILE", env)
     elif "database_url" in top:
         database_url = Secret(str(top["database_url"]))
     elif "database_url_file" in top:
-        database_url = _read_secret_file(str(top["database_url_file"]), "database_url_file")
+        database_url = _read_secret_file(str(top["database_url_file"]), "database_url_file", env)
     else:
         database_url = _credential(env, "database-url")
-    if database_url is not None and urlsplit(database_url.reveal()).scheme.split("+")[0] not in (
-        "postgresql",
-        "postgres",
-    ):
-        raise ConfigError("database_url: expected a postgresql:// URL")
+    if database_url is not None:
+        database_params(database_url)  # refused here, at start-up, with one line
 
-    base_delay = parse_duration(retry_table.get("base_delay", 2.0), "retry.base_delay")
-    max_delay = parse_duration(retry_table.get("max_delay", 600.0), "retry.max_delay")
-    if base_delay <= 0 or max_delay < base_delay:
-        raise ConfigError("retry: need 0 < base_delay <= max_delay")
+    base_delay = ranged("retry.base_delay", retry_table.get("base_delay"))
+    max_delay = ranged("retry.max_delay", retry_table.get("max_delay"))
+    if max_delay < base_delay:
+        raise ConfigError("retry: max_delay must be at least base_delay")
     retry = RetrySettings(
         base_delay=base_delay,
         max_delay=max_delay,
-        max_attempts=_positive_int(retry_table.get("max_attempts", 20), "retry.max_attempts"),
-        max_age=_positive_float(
-            parse_duration(retry_table.get("max_age", 12 * 3600.0), "retry.max_age"), "retry.max_age"
-        ),
+        max_attempts=ranged("retry.max_attempts", retry_table.get("max_attempts")),
+        max_age=ranged("retry.max_age", retry_table.get("max_age")),
     )
+    open_for = ranged("breaker.open_for", breaker_table.get("open_for"))
+    max_open_for = ranged("breaker.max_open_for", breaker_table.get("max_open_for"))
+    if max_open_for < open_for:
+        raise ConfigError("breaker: max_open_for must be at least open_for")
     breaker = BreakerSettings(
-        failure_threshold=_positive_int(
-            breaker_table.get("failure_threshold", 5), "breaker.failure_threshold"
-        ),
-        open_for=_positive_float(
-            parse_duration(breaker_table.get("open_for", 2.0), "breaker.open_for"), "breaker.open_for"
-        ),
-        max_open_for=_positive_float(
-            parse_duration(breaker_table.get("max_open_for", 15.0), "breaker.max_open_for"),
-            "breaker.max_open_for",
-        ),
+        failure_threshold=ranged("breaker.failure_threshold", breaker_table.get("failure_threshold")),
+        open_for=open_for,
+        max_open_for=max_open_for,
     )
 
     log_format = str(top.get("log_format", "text")).lower()
@@ -518,17 +722,15 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         targets=targets,
         retry=retry,
         breaker=breaker,
-        poll_interval=_positive_float(
-            parse_duration(top.get("poll_interval", 5.0), "poll_interval"), "poll_interval"
-        ),
-        batch_size=_positive_int(top.get("batch_size", 100), "batch_size"),
-        lease=_positive_float(parse_duration(top.get("lease", 60.0), "lease"), "lease"),
-        shutdown_timeout=parse_duration(top.get("shutdown_timeout", 20.0), "shutdown_timeout"),
+        poll_interval=ranged("poll_interval", top.get("poll_interval")),
+        batch_size=ranged("batch_size", top.get("batch_size")),
+        lease=ranged("lease", top.get("lease")),
+        shutdown_timeout=ranged("shutdown_timeout", top.get("shutdown_timeout")),
         metrics_listen=_metrics_listen(str(top["metrics_listen"])) if top.get("metrics_listen") else None,
         log_format=log_format,
         log_level=log_level,
-        retention=None if retention in (None, "") else parse_duration(retention, "retention"),
-        retention_include_dead=bool(top.get("retention_include_dead", False)),
+        retention=None if retention in (None, "") else ranged("retention", retention),
+        retention_include_dead=boolean(top.get("retention_include_dead", False), "retention_include_dead"),
         systemd={k: env[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID") if k in env},
         **extra,
     )

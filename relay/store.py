@@ -18,18 +18,20 @@ from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import quote, quote_plus
 from uuid import UUID
 
 import psycopg
 import psycopg.errors
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError, WriteRefused
-from relay.settings import Secret
+from relay.logs import redact
+from relay.settings import Secret, database_params
 
 NOTIFY_CHANNEL = "outbox_action_status"
 _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
@@ -113,18 +115,42 @@ class RowResult:
     last_error: str | None = None
 
 
-def sqlalchemy_url(url: Secret) -> str:
-    """A psycopg-3 SQLAlchemy URL from a plain ``postgresql://`` URL."""
-    parsed = make_url(url.reveal())
-    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+def libpq_conninfo(url: Secret) -> str:
+    """A libpq keyword/value string from the URL, built from its components: the URL is decoded
+    once and never rendered back into a URL (a round trip would decode ``%20`` into a space)."""
+    return make_conninfo("", **database_params(url))
 
 
-def libpq_url(url: Secret) -> str:
-    parsed = make_url(url.reveal())
-    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+def _secret_forms(url: Secret) -> tuple[str, ...]:
+    """The password as it may appear in a message: raw, percent-encoded, conninfo-quoted."""
+    password = database_params(url).get("password", "")
+    if len(password) < 3:
+        return ()
+    forms = {password, quote(password, safe=""), quote_plus(password),
+             password.replace("\\", "\\\\").replace("'", "\\'")}  # fmt: skip
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
-def _translate(exc: BaseException) -> Exception:
+def _scrub(error: Exception, secrets: tuple[str, ...]) -> Exception:
+    """The same error with every form of the password, and anything that looks like one, masked."""
+    text = str(error)
+    clean = text
+    for secret in secrets:
+        clean = clean.replace(secret, "***")
+    clean = redact(clean)
+    if clean == text:
+        return error
+    scrubbed = type(error).__new__(type(error))
+    Exception.__init__(scrubbed, clean)
+    scrubbed.__dict__.update(error.__dict__)
+    return scrubbed
+
+
+def _translate(exc: BaseException, secrets: tuple[str, ...] = ()) -> Exception:
+    return _scrub(_translate_raw(exc), secrets)
+
+
+def _translate_raw(exc: BaseException) -> Exception:
     """Our error for a database exception: a refused row, a conflict, or a database failure."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if isinstance(orig, psycopg.errors.UniqueViolation):
@@ -155,12 +181,16 @@ class Store:
 
     def __init__(self, url: Secret, *, pool_size: int = 4, application_name: str = "outbox-relay") -> None:
         self.url = url
+        self._secrets = _secret_forms(url)
+        # The URL's parts go to psycopg as keywords: never re-rendered into a URL string.
+        params: dict[str, Any] = {"connect_timeout": 10, **database_params(url)}
+        params["application_name"] = application_name
         self.engine: AsyncEngine = create_async_engine(
-            sqlalchemy_url(url),
+            "postgresql+psycopg://",
             pool_size=pool_size,
             max_overflow=0,
             pool_timeout=30,
-            connect_args={"application_name": application_name, "connect_timeout": 10},
+            connect_args=params,
         )
         # Every named query is a single statement: atomic on its own, no BEGIN/COMMIT round trips.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -177,7 +207,7 @@ class Store:
             async with self.engine.begin() as conn:
                 yield conn
         except (SQLAlchemyError, psycopg.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._secrets) from exc
 
     async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run one named statement in its own implicit transaction: one round trip.
@@ -204,7 +234,7 @@ class Store:
                     await conn.invalidate()
                     raise
         except (SQLAlchemyError, psycopg.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._secrets) from exc
 
     # -- schema ----------------------------------------------------------------------------
     async def ping(self) -> None:
@@ -232,7 +262,7 @@ class Store:
                     await conn.execute(_q("migrations_unlock"))
                     await conn.commit()
         except (SQLAlchemyError, psycopg.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._secrets) from exc
 
     # -- writers ---------------------------------------------------------------------------
     async def enqueue(
@@ -343,10 +373,10 @@ class Store:
         """Yield once per NOTIFY on the outbox channel; raises DatabaseError when the connection is lost."""
         try:
             conn = await psycopg.AsyncConnection.connect(
-                libpq_url(self.url), autocommit=True, application_name="outbox-relay listener"
+                libpq_conninfo(self.url), autocommit=True, application_name="outbox-relay listener"
             )
         except (psycopg.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._secrets) from exc
         try:
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             if ready is not None:
@@ -354,7 +384,7 @@ class Store:
             async for _ in conn.notifies():
                 yield None
         except (psycopg.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise _translate(exc, self._secrets) from exc
         finally:
             await conn.close()
 

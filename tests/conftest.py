@@ -24,6 +24,13 @@ from tests.relaykit import create_migrated_database
 TEMPLATE = "outbox_relay_template"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Files the tests write (tokens, client secrets, configs with inline tokens) are private to
+    their owner, as an operator's must be: the relay refuses secret files that group or other
+    users can read. Tests of that rule chmod their files open on purpose."""
+    os.umask(0o077)
+
+
 @dataclass
 class Server:
     """Where the test PostgreSQL runs; ``embedded`` is set when the tests started it."""

@@ -430,12 +430,15 @@ def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
     database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
 ) -> None:
     fly, old_1 = seeded[("fly-1", "default")], seeded[("old-1", "default")]
+    # purge refuses ages under an hour: age every finished row by a day so all of them qualify
+    db.execute("update outbox.action_status_updates set delivered_at = delivered_at - interval '1 day', "
+               "dead_at = dead_at - interval '1 day'")  # fmt: skip
     with psycopg.connect(database_url) as holder:  # a relay mid-claim, and someone holding an old row
         holder.execute("update outbox.action_status_updates set next_attempt_at = now() + interval '1 minute' "
                        "where id = %s", (fly,))  # fmt: skip
         holder.execute("select id from outbox.action_status_updates where id = %s for update", (old_1,))
         result = cli(
-            "purge", "--older-than", "0s", "--include-dead", "--batch-size", "2",
+            "purge", "--older-than", "1h", "--include-dead", "--batch-size", "2",
             env={"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c lock_timeout=5000"},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
