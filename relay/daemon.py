@@ -336,6 +336,13 @@ class Relay:
             return
         from relay import ops
 
+        if self.settings.retention < ops.PURGE_FLOOR:
+            # outbox.purge_finished refuses it: say so once now rather than only each hour.
+            log.warning(
+                "retention is shorter than PostgreSQL allows: each purge will be refused",
+                extra={"retention": self.settings.retention, "minimum": ops.PURGE_FLOOR},
+            )
+
         async def purge() -> None:
             try:
                 assert self.settings.retention is not None

@@ -31,6 +31,7 @@ FRESH_HEARTBEAT = 120.0  # a relay_targets row younger than this belongs to a li
 PAUSED_STATES = ("paused", "probing")  # relay_targets states of a target that is not serving
 RETRY_BATCH = 500
 PURGE_BATCH = 1000
+PURGE_FLOOR = 3600.0  # outbox.purge_finished refuses to purge rows finished more recently
 
 
 async def _using_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
@@ -286,29 +287,34 @@ async def purge(
     progress: Progress | None = None,
 ) -> int:
     """Delete delivered rows (and dead ones with ``include_dead``) finished more than ``older_than``
-    seconds ago, with their attempts, ``batch_size`` rows per transaction. Rows another
+    seconds ago (at least :data:`PURGE_FLOOR`: PostgreSQL refuses less), with their attempts,
+    ``batch_size`` rows per transaction, through ``outbox.purge_finished``. Rows another
     transaction holds are skipped, pending and in-flight rows are never touched. Returns the
     number of updates deleted; ``progress(batch, updates, attempts)`` is called per batch."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     total = batch = 0
-    for state in ("delivered", "dead") if include_dead else ("delivered",):
-        start = None
-        while True:
-            updates, attempts, start = await store.purge_batch(state, older_than, batch_size, start)
-            if updates:
-                batch += 1
-                total += updates
-                if progress is not None:
-                    progress(batch, updates, attempts)
-            if updates < batch_size:
-                break
+    state: str | None = "delivered"
+    start: datetime | None = None
+    while state is not None:
+        updates, attempts, state, start = await store.purge_batch(
+            older_than, include_dead, batch_size, state, start
+        )
+        if updates:
+            batch += 1
+            total += updates
+            if progress is not None:
+                progress(batch, updates, attempts)
     return total
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     what = "delivered and dead" if args.include_dead else "delivered"
     span = report.age(args.older_than)
+    if args.older_than < PURGE_FLOOR:
+        raise ConfigError(f"purge: --older-than must be at least {report.age(PURGE_FLOOR)}, "
+                          f"not {report.age(args.older_than, subsecond=False)}: "
+                          "rows finished more recently are never purged")  # fmt: skip
     if args.dry_run:
         updates, attempts = asyncio.run(_using_store(
             settings, lambda s: s.purge_count(args.older_than, args.include_dead)))  # fmt: skip
@@ -519,12 +525,13 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "purge", cmd_purge, "delete old delivered (and dead) updates with their attempts",
         "Retention: delete delivered updates (and dead ones with --include-dead) that finished more\n"
         "than DURATION ago, with their attempts, in small transactions that skip rows in use. Pending\n"
-        "and in-flight updates are never touched. The daemon does the same hourly when `retention`\n"
-        "is configured.\n\nexamples:\n  outbox-relay purge --older-than 30d --dry-run\n"
+        "and in-flight updates are never touched; DURATION is at least 1h. The daemon does the same\n"
+        "hourly when `retention` is configured.\n\n"
+        "examples:\n  outbox-relay purge --older-than 30d --dry-run\n"
         "  outbox-relay purge --older-than 90d --include-dead",
     )  # fmt: skip
     p.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
-                   help="finished longer ago than this (e.g. 30d, 12h)")  # fmt: skip
+                   help="finished longer ago than this, at least 1h (e.g. 30d, 12h)")  # fmt: skip
     p.add_argument("--include-dead", action="store_true", help="also delete dead updates")
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument("--batch-size", type=_positive, default=PURGE_BATCH, metavar="N",
