@@ -7,9 +7,11 @@ afterwards), exactly as a deployment would: ``create role relay_svc login ... in
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import psycopg.errors
@@ -18,9 +20,11 @@ from sqlalchemy.engine import make_url
 
 from relay.migrations import available, migrate
 from relay.ops import purge, retry_dead
+from relay.sandbox import Sandbox, SandboxConfig
 from relay.settings import Secret
 from relay.store import AttemptRecord, RowResult, Store
 from tests.conftest import Server
+from tests.relaykit import relay_env, sample_updates, seed_rows, start_relay_process, states, wait_until
 
 GROUPS = ("outbox_writer", "outbox_relay", "outbox_operator", "outbox_auditor")
 Logins = dict[str, str]  # group role (or "outsider") -> login role
@@ -290,6 +294,27 @@ async def test_the_relay_claims_records_heartbeats_and_purges_with_only_its_role
     assert written == [("r-dead", "dead", login, "relay-t"), ("r-lost", "unknown", login, "relay-gone"),
                        ("r-ok", "delivered", login, "relay-t"), ("r-retry", "retry", login, "relay-t")]  # fmt: skip
     assert db.execute("select count(*) from outbox.relay_targets").fetchone() == (0,)
+
+
+def test_the_daemon_runs_with_only_the_relay_role(database_url: str, tmp_path: Path, logins: Logins) -> None:
+    login = logins["outbox_relay"]
+    updates = sample_updates(200, prefix="svc")
+    seed_rows(database_url, updates)
+    log = tmp_path / "relay.log"
+    with Sandbox(SandboxConfig()) as sb:
+        env = relay_env(url_as(database_url, login), sb.url, RELAY_RETENTION="30d", RELAY_ID="relay-svc")
+        proc = start_relay_process(env, log)
+        try:
+            assert wait_until(lambda: states(database_url).get("delivered") == 200, 60), log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+    assert code == 0, log.read_text()
+    assert sb.duplicates == 0 and len(sb.applied) == 200
+    with psycopg.connect(database_url) as db:
+        written = db.execute("select db_role, relay_id, count(*) from outbox.delivery_attempts group by 1, 2")
+        assert written.fetchall() == [(login, "relay-svc", 200)]
+        assert db.execute("select count(*) from outbox.relay_targets").fetchone() == (0,)  # forgotten at stop
 
 
 async def test_the_operator_requeues_and_purges_and_the_database_names_who(
