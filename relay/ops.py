@@ -303,23 +303,24 @@ async def purge(
     progress: Progress | None = None,
 ) -> int:
     """Delete delivered rows (and dead ones with ``include_dead``) finished more than ``older_than``
-    seconds ago, with their attempts, ``batch_size`` rows per transaction. Rows another
+    seconds ago (at least one hour, ``settings.PURGE_MIN_AGE``: PostgreSQL refuses less), with their attempts,
+    ``batch_size`` rows per transaction, through ``outbox.purge_finished``. Rows another
     transaction holds are skipped, pending and in-flight rows are never touched. Returns the
     number of updates deleted; ``progress(batch, updates, attempts)`` is called per batch."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     total = batch = 0
-    for state in ("delivered", "dead") if include_dead else ("delivered",):
-        start = None
-        while True:
-            updates, attempts, start = await store.purge_batch(state, older_than, batch_size, start)
-            if updates:
-                batch += 1
-                total += updates
-                if progress is not None:
-                    progress(batch, updates, attempts)
-            if updates < batch_size:
-                break
+    state: str | None = "delivered"
+    start: datetime | None = None
+    while state is not None:
+        updates, attempts, state, start = await store.purge_batch(
+            older_than, include_dead, batch_size, state, start
+        )
+        if updates:
+            batch += 1
+            total += updates
+            if progress is not None:
+                progress(batch, updates, attempts)
     return total
 
 
@@ -536,8 +537,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "purge", cmd_purge, "delete old delivered (and dead) updates with their attempts",
         "Retention: delete delivered updates (and dead ones with --include-dead) that finished more\n"
         "than DURATION ago, with their attempts, in small transactions that skip rows in use. Pending\n"
-        "and in-flight updates are never touched. The daemon does the same hourly when `retention`\n"
-        "is configured.\n\nexamples:\n  outbox-relay purge --older-than 30d --dry-run\n"
+        "and in-flight updates are never touched; DURATION is at least 1h. The daemon does the same\n"
+        "hourly when `retention` is configured.\n\n"
+        "examples:\n  outbox-relay purge --older-than 30d --dry-run\n"
         "  outbox-relay purge --older-than 90d --include-dead",
     )  # fmt: skip
     p.add_argument("--older-than", type=_older_than, required=True, metavar="DURATION",

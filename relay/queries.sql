@@ -233,33 +233,12 @@ where u.state = 'dead'
       )) = upper(cast(:code as text)))
 
 -- ops_dead_retry --
--- One batch: dead rows with an id above the cursor, back to pending with attempts counted afresh.
--- The state guard is repeated on the UPDATE so a row that changed meanwhile is left alone.
-with picked as (
-    select u.id
-    from outbox.action_status_updates u
-    where u.state = 'dead'
-      and u.id > :after
-      and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
-      and (cast(:target as text) is null or u.target = cast(:target as text))
-      and (cast(:code as text) is null or upper((
-            select d.error_code from outbox.delivery_attempts d
-            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
-          )) = upper(cast(:code as text)))
-    order by u.id
-    limit :limit
-    for update
-)
-update outbox.action_status_updates u
-set state = 'pending',
-    next_attempt_at = now(),
-    attempts = 0,
-    dead_at = null,
-    requeued_at = now(),
-    requeue_reason = :reason
-from picked
-where u.id = picked.id and u.state = 'dead'
-returning u.id, u.action_id, u.target
+-- One batch: dead rows with an id above the cursor, back to pending with attempts counted afresh,
+-- through outbox.requeue_dead (granted to outbox_operator). A trigger records who (current_user)
+-- and when, in the row (requeued_by, requeued_at) and in outbox.requeues.
+select r.id, r.action_id, r.target
+from outbox.requeue_dead(cast(:after as bigint), cast(:limit as integer), cast(:reason as text),
+                         cast(:action_ids as text[]), cast(:target as text), cast(:code as text)) r
 
 -- ops_purge_count --
 select count(*) as updates,
@@ -269,57 +248,16 @@ from outbox.action_status_updates u
 where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
    or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
 
--- ops_purge_delivered --
--- One small batch of old delivered rows with their attempts, oldest first from `start` (the
--- previous batch's `reached`) along the partial index on delivered_at, so a long purge does
--- not rescan what it already deleted. Rows another transaction holds are skipped, never
--- waited for. Pending and in-flight rows never match.
-with doomed as (
-    select u.id, u.delivered_at as finished_at
-    from outbox.action_status_updates u
-    where u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than)
-      and u.delivered_at >= coalesce(cast(:start as timestamptz), '-infinity')
-    order by u.delivered_at
-    limit :limit
-    for update skip locked
-), attempts as (
-    delete from outbox.delivery_attempts d
-    using doomed
-    where d.update_id = doomed.id
-    returning d.id
-), updates as (
-    delete from outbox.action_status_updates u
-    using doomed
-    where u.id = doomed.id
-    returning u.id
-)
-select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts,
-       (select max(finished_at) from doomed) as reached
-
--- ops_purge_dead --
--- The same for old dead rows (purge --include-dead). Kept apart from ops_purge_delivered so
--- each statement matches its own partial index (delivered_at or dead_at) with a fixed predicate.
-with doomed as (
-    select u.id, u.dead_at as finished_at
-    from outbox.action_status_updates u
-    where u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than)
-      and u.dead_at >= coalesce(cast(:start as timestamptz), '-infinity')
-    order by u.dead_at
-    limit :limit
-    for update skip locked
-), attempts as (
-    delete from outbox.delivery_attempts d
-    using doomed
-    where d.update_id = doomed.id
-    returning d.id
-), updates as (
-    delete from outbox.action_status_updates u
-    using doomed
-    where u.id = doomed.id
-    returning u.id
-)
-select (select count(*) from updates) as updates, (select count(*) from attempts) as attempts,
-       (select max(finished_at) from doomed) as reached
+-- ops_purge_batch --
+-- One small batch of old finished rows with their attempts, through outbox.purge_finished
+-- (SECURITY DEFINER: nobody else may delete them). Delivered rows first, oldest first from
+-- (from_state, from_time), then dead ones with include_dead; it answers where the next batch
+-- starts (next_state null: done). Rows another transaction holds are skipped, never waited for;
+-- pending and in-flight rows never match; it refuses older_than under one hour.
+select updates, attempts, next_state, next_from
+from outbox.purge_finished(make_interval(secs => :older_than), cast(:include_dead as boolean),
+                           cast(:limit as integer),
+                           cast(:from_state as text), cast(:from_time as timestamptz))
 
 -- ==== the demo (relay/demo.py): progress and summary figures, read only ==== --
 

@@ -468,17 +468,27 @@ class Store:
         return int(rows[0]["updates"]), int(rows[0]["attempts"])
 
     async def purge_batch(
-        self, state: str, older_than: float, limit: int, start: datetime | None = None
-    ) -> tuple[int, int, datetime | None]:
-        """Delete up to ``limit`` rows in ``state`` (``delivered`` or ``dead``) that finished more than
-        ``older_than`` seconds ago, oldest first from ``start``, with their attempts, in one
-        transaction, skipping rows others hold. Returns (updates, attempts) deleted and the
-        finish time reached: the next batch's ``start``."""
+        self,
+        older_than: float,
+        include_dead: bool,
+        limit: int,
+        state: str = "delivered",
+        start: datetime | None = None,
+    ) -> tuple[int, int, str | None, datetime | None]:
+        """Delete, through ``outbox.purge_finished``, up to ``limit`` rows in ``state``
+        (``delivered``, or ``dead`` with ``include_dead``) that finished more than ``older_than``
+        seconds ago, oldest first from ``start``, with their attempts, in one transaction,
+        skipping rows others hold. Returns (updates, attempts) deleted and where the next batch
+        starts: its state (None when nothing is left) and its ``start``. PostgreSQL refuses an
+        ``older_than`` under one hour."""
         if state not in ("delivered", "dead"):
             raise ValueError(f"only delivered or dead rows are purged, not {state!r}")
-        params = {"older_than": older_than, "limit": limit, "start": start}
-        row = (await self._rows(f"ops_purge_{state}", params))[0]
-        return int(row["updates"]), int(row["attempts"]), row["reached"] or start
+        params = {
+            "older_than": older_than, "include_dead": include_dead, "limit": limit,
+            "from_state": state, "from_time": start,
+        }  # fmt: skip
+        row = (await self._rows("ops_purge_batch", params))[0]
+        return int(row["updates"]), int(row["attempts"]), row["next_state"], row["next_from"]
 
 
 class HealthProbe:

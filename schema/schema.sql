@@ -62,6 +62,7 @@ create table outbox.action_status_updates (
     requeued_at      timestamptz,
     requeue_reason   text,
     sending_at       timestamptz,
+    requeued_by      text,
     constraint action_status_updates_target_action_id_key unique (target, action_id),
     constraint action_id_length check (char_length(action_id) between 1 and 255),
     constraint action_id_printable check (
@@ -89,6 +90,8 @@ comment on column outbox.action_status_updates.claim_token is
     'Fencing token of the current claim: a result is recorded only under the same token.';
 comment on column outbox.action_status_updates.sending_at is
     'Set just before the current claim''s request is sent; a claim that expires with it set may have reached the API.';
+comment on column outbox.action_status_updates.requeued_by is
+    'The database role (current_user) that last put this dead row back to pending; set by a trigger.';
 
 -- What a relay claims: due rows per target. Finished rows are not in it, so the claim's
 -- cost does not grow with history.
@@ -103,7 +106,9 @@ create index action_status_updates_dead_at
 
 -- Refuse bad rows inside the writer's transaction, naming the rule and saying what is wrong.
 create function outbox.validate_action_status_update() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
 declare
     item  jsonb;
     pos   integer := 0;
@@ -133,6 +138,13 @@ begin
     elsif jsonb_typeof(new.errors) <> 'array' then
         bad := 'errors_is_array';
         fail := format('errors must be a JSON array of {"code", "message"} objects, not a JSON %s', jsonb_typeof(new.errors));
+    elsif jsonb_array_length(new.errors) > 100 then
+        bad := 'errors_count';
+        fail := format('errors has %s entries; at most 100 are allowed', jsonb_array_length(new.errors));
+    elsif octet_length(new.errors::text) > 65536 then
+        bad := 'errors_size';
+        fail := format('errors is %s bytes long as JSON text; at most 65536 (64 KiB) are allowed',
+                       octet_length(new.errors::text));
     elsif new.status = 'FAILED' and jsonb_array_length(new.errors) = 0 then
         bad := 'failed_requires_errors'; fail := 'FAILED requires at least one error';
     elsif new.status = 'SUCCESS' and jsonb_array_length(new.errors) > 0 then
@@ -191,7 +203,9 @@ create trigger action_status_updates_validate
 
 -- Commit wakes the relay: NOTIFY is delivered when the writer's transaction commits.
 create function outbox.notify_relay() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
 begin
     perform pg_notify('outbox_action_status', '');
     return null;
@@ -206,7 +220,9 @@ create trigger action_status_updates_notify
 create function outbox.enqueue_action_status(
     action_id text, status text, errors jsonb default '[]', target text default 'default'
 ) returns bigint
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
 #variable_conflict use_variable
 declare
     new_id   bigint;
@@ -257,6 +273,7 @@ create table outbox.delivery_attempts (
     response_body text,
     relay_id      text not null,
     reached_api   text,
+    db_role       text default current_user,
     constraint attempt_positive check (attempt >= 1),
     constraint outcome_known check (
         outcome in ('delivered', 'delivered_earlier', 'retry', 'dead', 'reauth', 'paused', 'superseded',
@@ -274,6 +291,8 @@ comment on column outbox.delivery_attempts.outcome is
 comment on column outbox.delivery_attempts.reached_api is
     'answered: an HTTP answer arrived; maybe: no answer, the request may have been applied; '
     'no: it never left (the connection was not established). Null for requests made before 0002.';
+comment on column outbox.delivery_attempts.db_role is
+    'The database role that wrote this attempt (current_user); null for attempts written before 0003.';
 create index delivery_attempts_update_id on outbox.delivery_attempts (update_id, attempt);
 
 -- What each running relay does with each target; read by `outbox-relay status`.
@@ -287,6 +306,246 @@ create table outbox.relay_targets (
     primary key (relay_id, target),
     constraint relay_target_state check (state in ('serving', 'paused', 'probing'))
 );
+
+-- The row's state machine, for every role but the table's owner (and the operator's re-queue):
+--   pending | in_flight (lease run out)  -> in_flight under a new claim token     (a claim)
+--   in_flight                            -> in_flight under the same token        (being sent)
+--   in_flight                            -> delivered | dead | pending, token cleared (a result)
+--   dead                                 -> pending, by outbox_operator only      (a re-queue)
+-- The relay's moves are recognised first, without a catalog lookup: they are its hot path.
+create function outbox.check_state_transition() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    owner_oid oid;
+begin
+    if new.attempts >= old.attempts and new.requests >= old.requests then
+        if new.state = 'in_flight' and old.state in ('pending', 'in_flight')
+           and new.claim_token is distinct from old.claim_token and old.next_attempt_at <= now()
+           and new.attempts = old.attempts then
+            return new;
+        end if;
+        if new.state = 'in_flight' and old.state = 'in_flight' and new.claim_token = old.claim_token then
+            return new;
+        end if;
+        if old.state = 'in_flight' and new.state in ('delivered', 'dead', 'pending') and new.claim_token is null then
+            return new;
+        end if;
+    end if;
+    if old.state = 'dead' and new.state = 'pending' then
+        select c.relowner into owner_oid from pg_class c where c.oid = tg_relid;
+        if not pg_has_role(current_user, owner_oid, 'USAGE') and not exists (
+            select 1 from pg_roles r where r.rolname = 'outbox_operator' and pg_has_role(current_user, r.oid, 'USAGE')
+        ) then
+            raise exception using
+                errcode = 'insufficient_privilege', schema = 'outbox', table = 'action_status_updates',
+                message = format('only outbox_operator may put dead row %s back to pending, not %s', old.id, current_user),
+                hint = 'Use `outbox-relay dead retry` (outbox.requeue_dead) as a member of outbox_operator.';
+        end if;
+        new.requeued_by := current_user;
+        new.requeued_at := now();
+        return new;
+    end if;
+    select c.relowner into owner_oid from pg_class c where c.oid = tg_relid;
+    if pg_has_role(current_user, owner_oid, 'USAGE') then
+        return new;
+    end if;
+    raise exception using
+        errcode = 'check_violation', constraint = 'state_transition',
+        schema = 'outbox', table = 'action_status_updates',
+        message = format('row %s may not go from %s to %s this way (as %s): %s', old.id, old.state, new.state,
+            current_user, case
+                when old.state = 'pending' and new.state <> 'in_flight' then
+                    'a pending row changes only when it is claimed (in_flight, with a new claim token); '
+                    || 'its result is then recorded under that claim'
+                when old.state in ('delivered', 'dead') then
+                    'delivered and dead rows are final; only outbox_operator re-queues a dead row'
+                when new.attempts < old.attempts or new.requests < old.requests then
+                    'attempts and requests are never counted down'
+                when new.state = 'in_flight' then
+                    'a claim needs a due row (or a lease that ran out) and a new claim token'
+                else 'a result is recorded only under the claim, which it ends' end),
+        hint = 'See README.md, "Roles", for what each role may change.';
+end $$;
+
+create trigger action_status_updates_transition
+    before update on outbox.action_status_updates
+    for each row execute function outbox.check_state_transition();
+
+-- Every re-queue, append-only: who (the database role), when, why, and what the row had been.
+create table outbox.requeues (
+    id          bigint generated always as identity primary key,
+    update_id   bigint not null references outbox.action_status_updates (id) on delete cascade,
+    action_id   text not null,
+    target      text not null,
+    requeued_at timestamptz not null,
+    requeued_by text not null,
+    reason      text,
+    dead_at     timestamptz,
+    attempts    integer not null
+);
+comment on table outbox.requeues is
+    'One row per dead row put back to pending (by outbox.requeue_dead or any other update): append-only.';
+create index requeues_update_id on outbox.requeues (update_id);
+
+-- Written by the trigger below from the values check_state_transition set, so the caller needs
+-- no privilege on outbox.requeues and cannot choose what it says.
+create function outbox.record_requeue() returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    insert into outbox.requeues (update_id, action_id, target, requeued_at, requeued_by, reason, dead_at, attempts)
+    values (new.id, new.action_id, new.target, new.requeued_at, new.requeued_by, new.requeue_reason,
+            old.dead_at, old.attempts);
+    return null;
+end $$;
+
+create trigger action_status_updates_requeued
+    after update on outbox.action_status_updates
+    for each row when (old.state = 'dead' and new.state = 'pending')
+    execute function outbox.record_requeue();
+
+-- History tables are append-only for every role but their owner (which is also who runs
+-- outbox.purge_finished and the foreign keys' cascades).
+create function outbox.refuse_history_change() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if pg_has_role(current_user, (select c.relowner from pg_class c where c.oid = tg_relid), 'USAGE') then
+        return null;
+    end if;
+    raise exception using
+        errcode = 'insufficient_privilege', schema = 'outbox', table = tg_table_name,
+        message = format('outbox.%s is append-only: %s may not %s its rows', tg_table_name, current_user,
+                         lower(tg_op)),
+        hint = 'Old rows are removed with their update by outbox.purge_finished (retention).';
+end $$;
+
+create trigger delivery_attempts_append_only
+    before update or delete or truncate on outbox.delivery_attempts
+    for each statement execute function outbox.refuse_history_change();
+create trigger requeues_append_only
+    before update or delete or truncate on outbox.requeues
+    for each statement execute function outbox.refuse_history_change();
+
+-- `outbox-relay dead retry`: one batch of dead rows with an id above after_id, back to pending
+-- with attempts counted afresh. It runs with the caller's rights (outbox_operator); the
+-- trigger records who and when.
+create function outbox.requeue_dead(
+    after_id bigint, batch_limit integer, reason text,
+    only_action_ids text[] default null, only_target text default null, only_code text default null
+) returns table (id bigint, action_id text, target text)
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+with picked as (
+    select u.id
+    from outbox.action_status_updates u
+    where u.state = 'dead'
+      and u.id > requeue_dead.after_id
+      and (requeue_dead.only_action_ids is null or u.action_id = any(requeue_dead.only_action_ids))
+      and (requeue_dead.only_target is null or u.target = requeue_dead.only_target)
+      and (requeue_dead.only_code is null or upper((
+            select d.error_code from outbox.delivery_attempts d
+            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+          )) = upper(requeue_dead.only_code))
+    order by u.id
+    limit requeue_dead.batch_limit
+    for update
+)
+update outbox.action_status_updates u
+set state = 'pending',
+    next_attempt_at = now(),
+    attempts = 0,
+    dead_at = null,
+    requeue_reason = requeue_dead.reason
+from picked
+where u.id = picked.id and u.state = 'dead'
+returning u.id, u.action_id, u.target
+$$;
+
+-- Retention: one batch of finished rows (delivered, then dead with include_dead) that finished
+-- more than older_than ago, deleted with their attempts and re-queue records, oldest first
+-- from (from_state, from_time), skipping rows others hold. Returns what it deleted and where
+-- the next batch starts (next_state null: nothing left). It runs with its owner's rights:
+-- nobody else may delete updates, attempts or re-queues.
+create function outbox.purge_finished(
+    older_than interval, include_dead boolean, batch_limit integer,
+    from_state text default 'delivered', from_time timestamptz default null
+) returns table (updates bigint, attempts bigint, next_state text, next_from timestamptz)
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    cutoff  timestamptz;
+    reached timestamptz;
+begin
+    if older_than is null or older_than < interval '1 hour' then
+        raise exception using
+            errcode = 'invalid_parameter_value',
+            message = format('older_than must be at least 1 hour, not %s: rows finished more recently are never purged',
+                             coalesce(older_than::text, 'null'));
+    end if;
+    if batch_limit is null or batch_limit < 1 then
+        raise exception using errcode = 'invalid_parameter_value',
+            message = format('batch_limit must be at least 1, not %s', coalesce(batch_limit::text, 'null'));
+    end if;
+    if from_state is distinct from 'delivered' and (from_state is distinct from 'dead' or include_dead is not true) then
+        raise exception using errcode = 'invalid_parameter_value',
+            message = format('from_state must be delivered (or dead with include_dead), not %s',
+                             coalesce(from_state, 'null'));
+    end if;
+    cutoff := now() - older_than;
+    if from_state = 'delivered' then
+        with doomed as (
+            select u.id, u.delivered_at as finished_at
+            from outbox.action_status_updates u
+            where u.state = 'delivered' and u.delivered_at < cutoff
+              and u.delivered_at >= coalesce(from_time, '-infinity')
+            order by u.delivered_at
+            limit batch_limit
+            for update skip locked
+        ), gone_attempts as (
+            delete from outbox.delivery_attempts d using doomed where d.update_id = doomed.id returning d.id
+        ), gone_updates as (
+            delete from outbox.action_status_updates u using doomed where u.id = doomed.id returning u.id
+        )
+        select (select count(*) from gone_updates), (select count(*) from gone_attempts),
+               (select max(doomed.finished_at) from doomed)
+        into updates, attempts, reached;
+    else
+        with doomed as (
+            select u.id, u.dead_at as finished_at
+            from outbox.action_status_updates u
+            where u.state = 'dead' and u.dead_at < cutoff
+              and u.dead_at >= coalesce(from_time, '-infinity')
+            order by u.dead_at
+            limit batch_limit
+            for update skip locked
+        ), gone_attempts as (
+            delete from outbox.delivery_attempts d using doomed where d.update_id = doomed.id returning d.id
+        ), gone_updates as (
+            delete from outbox.action_status_updates u using doomed where u.id = doomed.id returning u.id
+        )
+        select (select count(*) from gone_updates), (select count(*) from gone_attempts),
+               (select max(doomed.finished_at) from doomed)
+        into updates, attempts, reached;
+    end if;
+    if updates < batch_limit then
+        next_state := case when from_state = 'delivered' and include_dead then 'dead' end;
+        next_from := null;
+    else
+        next_state := from_state;
+        next_from := coalesce(reached, from_time);
+    end if;
+    return next;
+end $$;
 
 create view outbox.delivery_audit as
 select u.id,
@@ -304,7 +563,8 @@ select u.id,
        u.last_error,
        u.next_attempt_at,
        u.requeued_at,
-       u.requeue_reason
+       u.requeue_reason,
+       u.requeued_by
 from outbox.action_status_updates u;
 comment on view outbox.delivery_audit is 'One row per update, for auditors.';
 
@@ -315,7 +575,7 @@ declare
     may  boolean;
 begin
     select rolsuper or rolcreaterole into may from pg_roles where rolname = current_user;
-    foreach name in array array['outbox_writer', 'outbox_relay', 'outbox_auditor'] loop
+    foreach name in array array['outbox_writer', 'outbox_relay', 'outbox_operator', 'outbox_auditor'] loop
         if not exists (select 1 from pg_roles where rolname = name) then
             if may then
                 execute format('create role %I nologin', name);
@@ -336,21 +596,40 @@ begin
     end if;
     if exists (select 1 from pg_roles where rolname = 'outbox_relay') then
         grant usage on schema outbox to outbox_relay;
-        grant select, delete on outbox.action_status_updates to outbox_relay;
+        grant select on outbox.action_status_updates to outbox_relay;
         grant update (state, attempts, next_attempt_at, delivered_at, dead_at, last_error,
-                      last_http_status, requests, outcome_unknown, claim_token, claimed_by,
-                      requeued_at, requeue_reason, sending_at)
+                      last_http_status, requests, outcome_unknown, claim_token, claimed_by, sending_at)
             on outbox.action_status_updates to outbox_relay;
-        grant select, insert, delete on outbox.delivery_attempts to outbox_relay;
+        grant select on outbox.delivery_attempts to outbox_relay;
+        grant insert (update_id, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
+                      error_code, error_message, response_body, relay_id, reached_api)
+            on outbox.delivery_attempts to outbox_relay;
         grant select, insert, update, delete on outbox.relay_targets to outbox_relay;
         grant select on outbox.error_codes, outbox.schema_migrations, outbox.delivery_audit to outbox_relay;
+        grant execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz)
+            to outbox_relay;
+    end if;
+    if exists (select 1 from pg_roles where rolname = 'outbox_operator') then
+        grant usage on schema outbox to outbox_operator;
+        grant select on outbox.action_status_updates, outbox.delivery_attempts, outbox.error_codes,
+                        outbox.relay_targets, outbox.delivery_audit, outbox.schema_migrations, outbox.requeues
+            to outbox_operator;
+        grant update (state, next_attempt_at, attempts, dead_at, requeue_reason)
+            on outbox.action_status_updates to outbox_operator;
+        grant insert on outbox.error_codes to outbox_operator;
+        grant execute on function outbox.requeue_dead(bigint, integer, text, text[], text, text) to outbox_operator;
+        grant execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz)
+            to outbox_operator;
     end if;
     if exists (select 1 from pg_roles where rolname = 'outbox_auditor') then
         grant usage on schema outbox to outbox_auditor;
         grant select on outbox.action_status_updates, outbox.delivery_attempts, outbox.error_codes,
-                        outbox.relay_targets, outbox.delivery_audit, outbox.schema_migrations
+                        outbox.relay_targets, outbox.delivery_audit, outbox.schema_migrations, outbox.requeues
             to outbox_auditor;
     end if;
 end $$;
 
 revoke execute on function outbox.enqueue_action_status(text, text, jsonb, text) from public;
+revoke execute on function outbox.record_requeue() from public;
+revoke execute on function outbox.requeue_dead(bigint, integer, text, text[], text, text) from public;
+revoke execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz) from public;

@@ -78,3 +78,22 @@ def test_migrations_and_canonical_ddl_build_the_same_catalog(
     migrated, canonical = _dump(database_url), _dump(empty_database_url)
     assert "CREATE TABLE outbox.action_status_updates" in migrated
     assert migrated == canonical
+
+
+def _grants(url: str) -> list[str]:
+    out = subprocess.run(
+        [str(_bin_dir() / "pg_dump"), "--schema-only", "--schema=outbox", "--no-owner", url],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return sorted(ln for ln in out.splitlines() if ln.startswith(("GRANT ", "REVOKE ")))
+
+
+def test_migrations_and_canonical_ddl_grant_the_same_privileges(
+    database_url: str, empty_database_url: str
+) -> None:
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute((schema_dir() / "schema.sql").read_text(encoding="utf-8"))
+    migrated, canonical = _grants(database_url), _grants(empty_database_url)
+    assert "GRANT UPDATE(requeue_reason) ON TABLE outbox.action_status_updates TO outbox_operator;" in migrated
+    assert not any("DELETE" in g and "outbox_relay" in g and "relay_targets" not in g for g in migrated)
+    assert migrated == canonical

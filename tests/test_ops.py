@@ -446,8 +446,35 @@ def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
         holder.rollback()
     assert left[fly][0] == "in_flight"
     assert old_1 in left  # held: skipped, not waited for
-    assert {v[0] for v in left.values()} == {"pending", "in_flight", "delivered"}
-    assert [k for k, v in left.items() if v[0] == "delivered"] == [old_1]
+    assert {v[0] for v in left.values()} == {"pending", "in_flight", "delivered", "dead"}
+    young = {seeded[(a, "default")] for a in ("fresh-1", "both-1")}  # finished less than an hour ago
+    assert {k for k, v in left.items() if v[0] == "delivered"} == {old_1} | young
+    assert {k for k, v in left.items() if v[0] == "dead"} == {seeded[("dead-c", "default")], seeded[("dead-eu", "eu")]}
+
+
+def test_purge_never_takes_rows_finished_less_than_an_hour_ago(
+    database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
+) -> None:
+    before = snapshot(db)
+    env = {"RELAY_DATABASE_URL": database_url}
+    for args in (["--older-than", "59m"], ["--older-than", "0s", "--dry-run"]):
+        refused = cli("purge", *args, "--include-dead", env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines() == [
+            f"outbox-relay: purge: --older-than must be at least 1h, not {args[1]}: "
+            "rows finished more recently are never purged"
+        ]
+    for older_than in ("59 minutes", "0 seconds", None):  # the database refuses it too, whoever asks
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as caught:
+            db.execute("select * from outbox.purge_finished(%s::interval, true, 100)", (older_than,))
+        assert (caught.value.diag.message_primary or "").startswith("older_than must be at least 1 hour, not ")
+    assert snapshot(db) == before
+    hour = "select * from outbox.purge_finished('1 hour', true, 100, %s)"
+    assert db.execute(hour, ("delivered",)).fetchone() == (5, 6, "dead", None)  # the floor itself is accepted
+    assert db.execute(hour, ("dead",)).fetchone() == (2, 3, None, None)  # dead-a (2 hours) and dead-b
+    young = {seeded[(a, t)] for a, t in [("fresh-1", "default"), ("both-1", "default"), ("dead-c", "default"),
+                                         ("dead-eu", "eu")]}  # fmt: skip
+    assert young <= set(snapshot(db))
 
 
 async def test_purge_function_for_the_daemon(db: psycopg.Connection, store: Store) -> None:
@@ -472,11 +499,11 @@ async def test_purge_function_for_the_daemon(db: psycopg.Connection, store: Stor
     assert await purge(store, 86400.0, True, 2) == 3
     assert left() == ["recent", "waiting"]
     with pytest.raises(ValueError):
-        await store.purge_batch("pending", 0.0, 10)
+        await store.purge_batch(86400.0, True, 10, "pending")
 
 
 # -- roles ----------------------------------------------------------------------------------
-def test_auditors_read_and_the_relay_role_operates(
+def test_auditors_read_the_operator_requeues_and_the_relay_purges(
     database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
 ) -> None:
     auditor = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_auditor"}
@@ -492,8 +519,14 @@ def test_auditors_read_and_the_relay_role_operates(
     assert denied.returncode == 1 and "permission denied" in denied.stderr
     assert len(denied.stderr.strip().splitlines()) == 1
     relay = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_relay"}
-    retried = cli("dead", "retry", "dead-a", env=relay)
+    denied = cli("dead", "retry", "dead-a", env=relay)  # re-queueing is a person's decision
+    assert denied.returncode == 1 and "permission denied for function requeue_dead" in denied.stderr
+    operator = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_operator"}
+    retried = cli("dead", "retry", "dead-a", env=operator)
     assert retried.returncode == 0, retried.stderr
+    by = db.execute("select requeued_by from outbox.action_status_updates where id = %s",
+                    (seeded[("dead-a", "default")],)).fetchone()  # fmt: skip
+    assert by == ("outbox_operator",)
     purged = cli("purge", "--older-than", "30d", "--include-dead", env=relay)
     assert purged.returncode == 0, purged.stderr
     states = db.execute("select state, count(*) from outbox.action_status_updates group by state").fetchall()

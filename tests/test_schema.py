@@ -225,3 +225,47 @@ def test_commit_notifies_the_relay(database_url: str) -> None:
             assert list(listener.notifies(timeout=0.2)) == []  # nothing before commit
         got = list(listener.notifies(timeout=2, stop_after=1))
         assert [n.channel for n in got] == ["outbox_action_status"]
+
+
+# -- bounded rows: at most 100 errors, at most 64 KiB of them as JSON text -------------------
+def _json_bytes(db: psycopg.Connection, errors: list[dict[str, str]]) -> int:
+    row = db.execute("select octet_length(%s::jsonb::text)", (json.dumps(errors),)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_fifty_thousand_errors_are_refused_inside_the_writers_transaction(db: psycopg.Connection) -> None:
+    db.execute("create table shop_orders (id int primary key, state text)")
+    flood = [{"code": "OTHER", "message": f"e{i}"} for i in range(50_000)]
+    with pytest.raises(psycopg.errors.CheckViolation) as caught, db.transaction():
+        db.execute("insert into shop_orders values (1, 'accepted')")
+        _enqueue(db, "flood", "FAILED", json.dumps(flood))
+    assert caught.value.diag.constraint_name == "errors_count"
+    assert caught.value.diag.message_primary == "errors has 50000 entries; at most 100 are allowed"
+    assert db.execute("select count(*) from shop_orders").fetchone() == (0,)
+    assert db.execute("select count(*) from outbox.action_status_updates").fetchone() == (0,)
+
+
+def test_one_hundred_errors_are_accepted_and_one_more_is_not(db: psycopg.Connection) -> None:
+    hundred = [{"code": "OTHER", "message": f"line {i} refused"} for i in range(100)]
+    _insert(db, "hundred", "FAILED", hundred)
+    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+        _insert(db, "hundred-and-one", "FAILED", [*hundred, {"code": "OTHER", "message": "one more"}])
+    assert caught.value.diag.message_primary == "errors has 101 entries; at most 100 are allowed"
+    assert db.execute("select action_id from outbox.action_status_updates").fetchall() == [("hundred",)]
+
+
+def test_errors_of_exactly_64_kib_are_accepted_and_one_byte_more_is_not(db: psycopg.Connection) -> None:
+    errors = [{"code": "OTHER", "message": "m" * 1600} for _ in range(40)]
+    missing = 65536 - _json_bytes(db, errors)
+    assert 0 < missing < 400
+    errors[-1]["message"] += "m" * missing
+    assert _json_bytes(db, errors) == 65536
+    _insert(db, "at-the-limit", "FAILED", errors)
+    errors[-1]["message"] += "m"
+    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+        _insert(db, "over-the-limit", "FAILED", errors)
+    assert caught.value.diag.constraint_name == "errors_size"
+    assert caught.value.diag.message_primary == (
+        "errors is 65537 bytes long as JSON text; at most 65536 (64 KiB) are allowed"
+    )

@@ -1,0 +1,414 @@
+-- 0003: least privilege. A fourth group role, outbox_operator, for what a person does
+-- (re-queue dead rows, purge, read everything); outbox_relay narrowed to what the daemon does
+-- (claim, record results under its claim, append attempts, heartbeat, read, and the retention
+-- function). The row's state machine is enforced in PostgreSQL; delivery_attempts and the new
+-- outbox.requeues are append-only; retention is one SECURITY DEFINER function; every function
+-- has a fixed search_path; a row's errors are bounded (100 entries, 64 KiB as JSON text).
+
+-- Who re-queued a dead row (the database role, never a value the caller passes) and who wrote
+-- each attempt (the database role of the session that inserted it).
+alter table outbox.action_status_updates add column requeued_by text;
+comment on column outbox.action_status_updates.requeued_by is
+    'The database role (current_user) that last put this dead row back to pending; set by a trigger.';
+alter table outbox.delivery_attempts add column db_role text;
+alter table outbox.delivery_attempts alter column db_role set default current_user;
+comment on column outbox.delivery_attempts.db_role is
+    'The database role that wrote this attempt (current_user); null for attempts written before 0003.';
+
+-- Bounded rows: at most 100 errors, at most 64 KiB of them as JSON text (errors_count, errors_size).
+create or replace function outbox.validate_action_status_update() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    item  jsonb;
+    pos   integer := 0;
+    key   text;
+    err_code text;
+    msg   jsonb;
+    bad   text;
+    fail  text;
+begin
+    if new.action_id is null or new.status is null or new.errors is null or new.target is null then
+        raise exception using
+            errcode = 'not_null_violation', schema = 'outbox', table = 'action_status_updates',
+            message = format('%s must not be null', case when new.action_id is null then 'action_id'
+                when new.status is null then 'status' when new.errors is null then 'errors' else 'target' end);
+    end if;
+    if char_length(new.action_id) = 0 then
+        bad := 'action_id_length'; fail := 'action_id must not be empty';
+    elsif char_length(new.action_id) > 255 then
+        bad := 'action_id_length';
+        fail := format('action_id is %s characters long; at most 255 are allowed', char_length(new.action_id));
+    elsif new.action_id ~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]' then
+        bad := 'action_id_printable'; fail := 'action_id must not contain whitespace or control characters';
+    elsif new.status is distinct from 'SUCCESS' and new.status is distinct from 'FAILED' then
+        bad := 'status_known'; fail := format('status must be SUCCESS or FAILED, not %s', coalesce('"' || new.status || '"', 'null'));
+    elsif new.target !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' then
+        bad := 'target_name'; fail := format('target "%s" is not a valid name (1-63 letters, digits, "_", "-" or ".")', new.target);
+    elsif jsonb_typeof(new.errors) <> 'array' then
+        bad := 'errors_is_array';
+        fail := format('errors must be a JSON array of {"code", "message"} objects, not a JSON %s', jsonb_typeof(new.errors));
+    elsif jsonb_array_length(new.errors) > 100 then
+        bad := 'errors_count';
+        fail := format('errors has %s entries; at most 100 are allowed', jsonb_array_length(new.errors));
+    elsif octet_length(new.errors::text) > 65536 then
+        bad := 'errors_size';
+        fail := format('errors is %s bytes long as JSON text; at most 65536 (64 KiB) are allowed',
+                       octet_length(new.errors::text));
+    elsif new.status = 'FAILED' and jsonb_array_length(new.errors) = 0 then
+        bad := 'failed_requires_errors'; fail := 'FAILED requires at least one error';
+    elsif new.status = 'SUCCESS' and jsonb_array_length(new.errors) > 0 then
+        bad := 'success_has_no_errors'; fail := 'SUCCESS must not carry errors';
+    end if;
+
+    if fail is null then
+        for item in select value from jsonb_array_elements(new.errors) loop
+            if jsonb_typeof(item) <> 'object' then
+                bad := 'error_shape';
+                fail := format('errors[%s] must be an object with "code" and "message", not a JSON %s', pos, jsonb_typeof(item));
+                exit;
+            end if;
+            select k into key from jsonb_object_keys(item) as k where k not in ('code', 'message') limit 1;
+            if key is not null then
+                bad := 'error_shape';
+                fail := format('errors[%s] has unknown key "%s"; only "code" and "message" are allowed', pos, key);
+                exit;
+            end if;
+            if jsonb_typeof(item -> 'code') is distinct from 'string' then
+                bad := 'error_code_known'; fail := format('errors[%s].code must be a string', pos);
+                exit;
+            end if;
+            err_code := item ->> 'code';
+            if not exists (select 1 from outbox.error_codes c where c.code = err_code) then
+                bad := 'error_code_known';
+                fail := format('unknown error code "%s" in errors[%s] (accepted codes are listed in outbox.error_codes)', err_code, pos);
+                exit;
+            end if;
+            msg := item -> 'message';
+            if jsonb_typeof(msg) is distinct from 'string' or btrim(msg #>> '{}') = '' then
+                bad := 'error_message_valid'; fail := format('errors[%s].message must be a non-empty string', pos);
+                exit;
+            end if;
+            if char_length(msg #>> '{}') > 2000 then
+                bad := 'error_message_valid';
+                fail := format('errors[%s].message is %s characters long; at most 2000 are allowed', pos, char_length(msg #>> '{}'));
+                exit;
+            end if;
+            pos := pos + 1;
+        end loop;
+    end if;
+
+    if fail is not null then
+        raise exception using
+            errcode = 'check_violation', message = fail, constraint = bad,
+            schema = 'outbox', table = 'action_status_updates',
+            hint = 'See README.md, "The SQL surface", for what a valid row holds.';
+    end if;
+    return new;
+end $$;
+
+alter function outbox.notify_relay() set search_path = pg_catalog, pg_temp;
+alter function outbox.enqueue_action_status(text, text, jsonb, text) set search_path = pg_catalog, pg_temp;
+
+-- The row's state machine, for every role but the table's owner (and the operator's re-queue):
+--   pending | in_flight (lease run out)  -> in_flight under a new claim token     (a claim)
+--   in_flight                            -> in_flight under the same token        (being sent)
+--   in_flight                            -> delivered | dead | pending, token cleared (a result)
+--   dead                                 -> pending, by outbox_operator only      (a re-queue)
+-- The relay's moves are recognised first, without a catalog lookup: they are its hot path.
+create function outbox.check_state_transition() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    owner_oid oid;
+begin
+    if new.attempts >= old.attempts and new.requests >= old.requests then
+        if new.state = 'in_flight' and old.state in ('pending', 'in_flight')
+           and new.claim_token is distinct from old.claim_token and old.next_attempt_at <= now()
+           and new.attempts = old.attempts then
+            return new;
+        end if;
+        if new.state = 'in_flight' and old.state = 'in_flight' and new.claim_token = old.claim_token then
+            return new;
+        end if;
+        if old.state = 'in_flight' and new.state in ('delivered', 'dead', 'pending') and new.claim_token is null then
+            return new;
+        end if;
+    end if;
+    if old.state = 'dead' and new.state = 'pending' then
+        select c.relowner into owner_oid from pg_class c where c.oid = tg_relid;
+        if not pg_has_role(current_user, owner_oid, 'USAGE') and not exists (
+            select 1 from pg_roles r where r.rolname = 'outbox_operator' and pg_has_role(current_user, r.oid, 'USAGE')
+        ) then
+            raise exception using
+                errcode = 'insufficient_privilege', schema = 'outbox', table = 'action_status_updates',
+                message = format('only outbox_operator may put dead row %s back to pending, not %s', old.id, current_user),
+                hint = 'Use `outbox-relay dead retry` (outbox.requeue_dead) as a member of outbox_operator.';
+        end if;
+        new.requeued_by := current_user;
+        new.requeued_at := now();
+        return new;
+    end if;
+    select c.relowner into owner_oid from pg_class c where c.oid = tg_relid;
+    if pg_has_role(current_user, owner_oid, 'USAGE') then
+        return new;
+    end if;
+    raise exception using
+        errcode = 'check_violation', constraint = 'state_transition',
+        schema = 'outbox', table = 'action_status_updates',
+        message = format('row %s may not go from %s to %s this way (as %s): %s', old.id, old.state, new.state,
+            current_user, case
+                when old.state = 'pending' and new.state <> 'in_flight' then
+                    'a pending row changes only when it is claimed (in_flight, with a new claim token); '
+                    || 'its result is then recorded under that claim'
+                when old.state in ('delivered', 'dead') then
+                    'delivered and dead rows are final; only outbox_operator re-queues a dead row'
+                when new.attempts < old.attempts or new.requests < old.requests then
+                    'attempts and requests are never counted down'
+                when new.state = 'in_flight' then
+                    'a claim needs a due row (or a lease that ran out) and a new claim token'
+                else 'a result is recorded only under the claim, which it ends' end),
+        hint = 'See README.md, "Roles", for what each role may change.';
+end $$;
+
+create trigger action_status_updates_transition
+    before update on outbox.action_status_updates
+    for each row execute function outbox.check_state_transition();
+
+-- Every re-queue, append-only: who (the database role), when, why, and what the row had been.
+create table outbox.requeues (
+    id          bigint generated always as identity primary key,
+    update_id   bigint not null references outbox.action_status_updates (id) on delete cascade,
+    action_id   text not null,
+    target      text not null,
+    requeued_at timestamptz not null,
+    requeued_by text not null,
+    reason      text,
+    dead_at     timestamptz,
+    attempts    integer not null
+);
+comment on table outbox.requeues is
+    'One row per dead row put back to pending (by outbox.requeue_dead or any other update): append-only.';
+create index requeues_update_id on outbox.requeues (update_id);
+
+-- Written by the trigger below from the values check_state_transition set, so the caller needs
+-- no privilege on outbox.requeues and cannot choose what it says.
+create function outbox.record_requeue() returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    insert into outbox.requeues (update_id, action_id, target, requeued_at, requeued_by, reason, dead_at, attempts)
+    values (new.id, new.action_id, new.target, new.requeued_at, new.requeued_by, new.requeue_reason,
+            old.dead_at, old.attempts);
+    return null;
+end $$;
+
+create trigger action_status_updates_requeued
+    after update on outbox.action_status_updates
+    for each row when (old.state = 'dead' and new.state = 'pending')
+    execute function outbox.record_requeue();
+
+-- History tables are append-only for every role but their owner (which is also who runs
+-- outbox.purge_finished and the foreign keys' cascades).
+create function outbox.refuse_history_change() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if pg_has_role(current_user, (select c.relowner from pg_class c where c.oid = tg_relid), 'USAGE') then
+        return null;
+    end if;
+    raise exception using
+        errcode = 'insufficient_privilege', schema = 'outbox', table = tg_table_name,
+        message = format('outbox.%s is append-only: %s may not %s its rows', tg_table_name, current_user,
+                         lower(tg_op)),
+        hint = 'Old rows are removed with their update by outbox.purge_finished (retention).';
+end $$;
+
+create trigger delivery_attempts_append_only
+    before update or delete or truncate on outbox.delivery_attempts
+    for each statement execute function outbox.refuse_history_change();
+create trigger requeues_append_only
+    before update or delete or truncate on outbox.requeues
+    for each statement execute function outbox.refuse_history_change();
+
+-- `outbox-relay dead retry`: one batch of dead rows with an id above after_id, back to pending
+-- with attempts counted afresh. It runs with the caller's rights (outbox_operator); the
+-- trigger records who and when.
+create function outbox.requeue_dead(
+    after_id bigint, batch_limit integer, reason text,
+    only_action_ids text[] default null, only_target text default null, only_code text default null
+) returns table (id bigint, action_id text, target text)
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+with picked as (
+    select u.id
+    from outbox.action_status_updates u
+    where u.state = 'dead'
+      and u.id > requeue_dead.after_id
+      and (requeue_dead.only_action_ids is null or u.action_id = any(requeue_dead.only_action_ids))
+      and (requeue_dead.only_target is null or u.target = requeue_dead.only_target)
+      and (requeue_dead.only_code is null or upper((
+            select d.error_code from outbox.delivery_attempts d
+            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+          )) = upper(requeue_dead.only_code))
+    order by u.id
+    limit requeue_dead.batch_limit
+    for update
+)
+update outbox.action_status_updates u
+set state = 'pending',
+    next_attempt_at = now(),
+    attempts = 0,
+    dead_at = null,
+    requeue_reason = requeue_dead.reason
+from picked
+where u.id = picked.id and u.state = 'dead'
+returning u.id, u.action_id, u.target
+$$;
+
+-- Retention: one batch of finished rows (delivered, then dead with include_dead) that finished
+-- more than older_than ago, deleted with their attempts and re-queue records, oldest first
+-- from (from_state, from_time), skipping rows others hold. Returns what it deleted and where
+-- the next batch starts (next_state null: nothing left). It runs with its owner's rights:
+-- nobody else may delete updates, attempts or re-queues.
+create function outbox.purge_finished(
+    older_than interval, include_dead boolean, batch_limit integer,
+    from_state text default 'delivered', from_time timestamptz default null
+) returns table (updates bigint, attempts bigint, next_state text, next_from timestamptz)
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    cutoff  timestamptz;
+    reached timestamptz;
+begin
+    if older_than is null or older_than < interval '1 hour' then
+        raise exception using
+            errcode = 'invalid_parameter_value',
+            message = format('older_than must be at least 1 hour, not %s: rows finished more recently are never purged',
+                             coalesce(older_than::text, 'null'));
+    end if;
+    if batch_limit is null or batch_limit < 1 then
+        raise exception using errcode = 'invalid_parameter_value',
+            message = format('batch_limit must be at least 1, not %s', coalesce(batch_limit::text, 'null'));
+    end if;
+    if from_state is distinct from 'delivered' and (from_state is distinct from 'dead' or include_dead is not true) then
+        raise exception using errcode = 'invalid_parameter_value',
+            message = format('from_state must be delivered (or dead with include_dead), not %s',
+                             coalesce(from_state, 'null'));
+    end if;
+    cutoff := now() - older_than;
+    if from_state = 'delivered' then
+        with doomed as (
+            select u.id, u.delivered_at as finished_at
+            from outbox.action_status_updates u
+            where u.state = 'delivered' and u.delivered_at < cutoff
+              and u.delivered_at >= coalesce(from_time, '-infinity')
+            order by u.delivered_at
+            limit batch_limit
+            for update skip locked
+        ), gone_attempts as (
+            delete from outbox.delivery_attempts d using doomed where d.update_id = doomed.id returning d.id
+        ), gone_updates as (
+            delete from outbox.action_status_updates u using doomed where u.id = doomed.id returning u.id
+        )
+        select (select count(*) from gone_updates), (select count(*) from gone_attempts),
+               (select max(doomed.finished_at) from doomed)
+        into updates, attempts, reached;
+    else
+        with doomed as (
+            select u.id, u.dead_at as finished_at
+            from outbox.action_status_updates u
+            where u.state = 'dead' and u.dead_at < cutoff
+              and u.dead_at >= coalesce(from_time, '-infinity')
+            order by u.dead_at
+            limit batch_limit
+            for update skip locked
+        ), gone_attempts as (
+            delete from outbox.delivery_attempts d using doomed where d.update_id = doomed.id returning d.id
+        ), gone_updates as (
+            delete from outbox.action_status_updates u using doomed where u.id = doomed.id returning u.id
+        )
+        select (select count(*) from gone_updates), (select count(*) from gone_attempts),
+               (select max(doomed.finished_at) from doomed)
+        into updates, attempts, reached;
+    end if;
+    if updates < batch_limit then
+        next_state := case when from_state = 'delivered' and include_dead then 'dead' end;
+        next_from := null;
+    else
+        next_state := from_state;
+        next_from := coalesce(reached, from_time);
+    end if;
+    return next;
+end $$;
+
+create or replace view outbox.delivery_audit as
+select u.id,
+       u.action_id,
+       u.target,
+       u.status,
+       u.errors,
+       u.state,
+       u.attempts,
+       u.created_at,
+       u.delivered_at,
+       u.dead_at,
+       u.delivered_at - u.created_at as time_to_deliver,
+       u.last_http_status,
+       u.last_error,
+       u.next_attempt_at,
+       u.requeued_at,
+       u.requeue_reason,
+       u.requeued_by
+from outbox.action_status_updates u;
+
+revoke execute on function outbox.record_requeue() from public;
+revoke execute on function outbox.requeue_dead(bigint, integer, text, text[], text, text) from public;
+revoke execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz) from public;
+
+-- outbox_operator, when the migrating user may create roles; grants whenever the roles exist.
+do $$
+begin
+    if not exists (select 1 from pg_roles where rolname = 'outbox_operator') then
+        if (select rolsuper or rolcreaterole from pg_roles where rolname = current_user) then
+            create role outbox_operator nologin;
+        else
+            raise notice 'role outbox_operator does not exist and % may not create it; ask a DBA', current_user;
+        end if;
+    end if;
+
+    if exists (select 1 from pg_roles where rolname = 'outbox_relay') then
+        revoke delete on outbox.action_status_updates from outbox_relay;
+        revoke update (requeued_at, requeue_reason) on outbox.action_status_updates from outbox_relay;
+        revoke insert, delete on outbox.delivery_attempts from outbox_relay;
+        grant insert (update_id, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
+                      error_code, error_message, response_body, relay_id, reached_api)
+            on outbox.delivery_attempts to outbox_relay;
+        grant execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz)
+            to outbox_relay;
+    end if;
+    if exists (select 1 from pg_roles where rolname = 'outbox_operator') then
+        grant usage on schema outbox to outbox_operator;
+        grant select on outbox.action_status_updates, outbox.delivery_attempts, outbox.error_codes,
+                        outbox.relay_targets, outbox.delivery_audit, outbox.schema_migrations, outbox.requeues
+            to outbox_operator;
+        grant update (state, next_attempt_at, attempts, dead_at, requeue_reason)
+            on outbox.action_status_updates to outbox_operator;
+        grant insert on outbox.error_codes to outbox_operator;
+        grant execute on function outbox.requeue_dead(bigint, integer, text, text[], text, text) to outbox_operator;
+        grant execute on function outbox.purge_finished(interval, boolean, integer, text, timestamptz)
+            to outbox_operator;
+    end if;
+    if exists (select 1 from pg_roles where rolname = 'outbox_auditor') then
+        grant select on outbox.requeues to outbox_auditor;
+    end if;
+end $$;
