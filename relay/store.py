@@ -515,7 +515,7 @@ class HealthProbe:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = await psycopg.AsyncConnection.connect(
-                        libpq_url(self.url),
+                        libpq_conninfo(self.url),
                         autocommit=True,
                         connect_timeout=self.CONNECT_TIMEOUT,
                         application_name=self.application_name,
@@ -525,7 +525,7 @@ class HealthProbe:
             except BaseException as exc:  # a cancelled check leaves the session in doubt too
                 await self._drop()
                 if isinstance(exc, psycopg.Error | OSError):
-                    raise _translate(exc) from exc
+                    raise _translate(exc, _secret_forms(self.url)) from exc
                 raise
 
     async def _drop(self) -> None:
