@@ -93,6 +93,8 @@ class Lane:
     slots: asyncio.Semaphore
     adaptive: bool = False  # the bucket was made by a 429, not by rate_limit
     held: int = 0
+    # Rows held that have not taken their rate-limit token yet: the limiter's queue.
+    waiting: set[int] = field(default_factory=set)
     exhausted: bool = False
     last_state: str = "serving"
     paused_since: float | None = None  # time.monotonic() when the target stopped serving
@@ -317,18 +319,26 @@ class Engine:
             full = full or (len(rows) == want and lane.breaker.state == BreakerState.CLOSED)
             for row in rows:
                 lane.held += 1
+                if lane.bucket is not None:
+                    lane.waiting.add(row.id)
                 task = asyncio.create_task(self._deliver(lane, row))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         return full
 
     def _rate_room(self, lane: Lane) -> int:
-        """How many more rows a rate-limited lane may hold: what its limiter can release while
-        a new lease lasts (leaving room for the request itself), minus what it holds already."""
+        """How many more rows a rate-limited lane may queue for tokens: what its limiter releases
+        in half of what a new lease leaves after the request itself, minus the rows still waiting.
+
+        The other half is slack, for a slow claim and for an event loop that wakes a row late.
+        Sized to the whole lease, each new row joined the queue at the very edge of its lease
+        (the rows ahead of it took all of it), and a few milliseconds of lag sent it back unsent
+        with its token spent, again and again. Rows already past the limiter (being sent) do not
+        count, so a slow API does not hold the rate below the limit."""
         assert lane.bucket is not None
-        usable = self.settings.lease - lane.settings.request_timeout - LEASE_MARGIN
-        room = int(lane.bucket.current_rate * max(usable, 0.0)) - lane.held
-        return room if lane.held else max(room, 1)
+        usable = (self.settings.lease - lane.settings.request_timeout - LEASE_MARGIN) / 2
+        room = int(lane.bucket.current_rate * max(usable, 0.0)) - len(lane.waiting)
+        return room if lane.waiting else max(room, 1)
 
     async def _deliver(self, lane: Lane, row: ClaimedRow) -> None:
         try:
@@ -346,6 +356,7 @@ class Engine:
             )
         finally:
             lane.held -= 1
+            lane.waiting.discard(row.id)
             self._sending.pop((row.id, row.token), None)
         self.recorder.add(result, attempts)
         if result.state == "pending" and result.retry_at is not None:
@@ -404,6 +415,7 @@ class Engine:
                     lane.breaker.release_probe()
                     return self._release(row, wait), []
                 await lane.bucket.acquire()
+                lane.waiting.discard(row.id)
             lane.count_request()
             if self._left(row) < self._needs(lane) or self._stopping:
                 lane.breaker.release_probe()

@@ -55,6 +55,43 @@ async def test_a_low_rate_limit_drains_40_rows_in_40_over_rate_seconds(database_
     assert abs(took - expected) <= 0.15 * expected, took
 
 
+@pytest.mark.timeout(120)
+async def test_a_stalling_event_loop_does_not_send_rows_back_after_they_took_their_token(
+    database_url: str,
+) -> None:
+    """A busy machine wakes waiting rows late. Each new row used to join the limiter's queue at
+    the very edge of its lease, so lateness sent it back unsent with its token spent, over and
+    over (measured before the fix: 40 rows at 2/s took 25.9 s with this stall, 19.9 s after)."""
+    total, rate = 40, 2
+    expected = total / rate
+
+    async def stall() -> None:  # the loop is blocked half of the time, like a machine half as fast
+        while True:
+            await asyncio.sleep(0.3)
+            time.sleep(0.3)  # noqa: ASYNC251 -- blocking the loop is the point
+
+    with Sandbox(SandboxConfig(seed=3)) as sb:
+        settings = relay_settings(database_url, sb.url, RELAY_RATE_LIMIT=str(rate), RELAY_MAX_CONCURRENCY="64")
+        seed_rows(database_url, sample_updates(total, prefix="stalled"))
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        staller = asyncio.ensure_future(stall())
+        try:
+            started = time.monotonic()
+            while await _delivered(database_url) < total:
+                assert time.monotonic() - started < expected * 3, "the rate-limited drain stalled"
+                await engine.run_once()
+            took = time.monotonic() - started
+        finally:
+            staller.cancel()
+            await engine.close()
+            await store.close()
+    assert sb.status_counts[204] == total and max(sb.apply_count.values()) == 1
+    assert sb.request_total == total
+    print(f"\n[rate] {total} rows at {rate}/s, loop stalled half the time: {took:.2f}s")
+    assert abs(took - expected) <= 0.15 * expected, took
+
+
 @pytest.mark.timeout(180)
 async def test_after_a_burst_of_429_a_target_without_a_limit_recovers_its_rate(database_url: str) -> None:
     with Sandbox(SandboxConfig(seed=4, faults=Faults(p429=1.0, retry_after=0))) as sb:
