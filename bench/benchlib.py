@@ -326,7 +326,7 @@ class Postgres:
     TEMPLATE = "bench_template"
 
     def __init__(self, settings: dict[str, str] | None = None) -> None:
-        from relay.embedded import EmbeddedPostgres
+        from relay.dev.embedded import EmbeddedPostgres
 
         self.server = EmbeddedPostgres(fsync=True, settings=settings)
         self._count = 0

@@ -4,7 +4,7 @@ Run as a child process by bench/run.py, one variant per process (its own event l
 reading); prints one JSON line. Variants:
 
 - ``async-clients``: ``--concurrency`` one-connection ``httpx.AsyncClient`` s, one worker
-  coroutine each: the relay's own client settings with ``--concurrency 64`` (relay/client.py).
+  coroutine each: the relay's own client settings with ``--concurrency 64`` (relay/connect/client.py).
 - ``async-pool``: one ``httpx.AsyncClient`` with a pool of ``--concurrency`` connections.
 - ``sync-threads``: ``--concurrency`` threads, each with its own ``httpx.Client``.
 

@@ -551,7 +551,7 @@ def measure_claims(urls: list[str], reps: int) -> list[dict[str, Any]]:
     processes hits all alike), each run in a transaction rolled back: nothing changes."""
     import psycopg
 
-    from relay.store import driver_sql
+    from relay.pg.store import driver_sql
 
     sql = driver_sql("updates_claim")
     conns = [psycopg.connect(url) for url in urls]
@@ -1172,7 +1172,7 @@ def main() -> int:
 
 
 def _embedded_version() -> str:
-    from relay.embedded import _bin_dir
+    from relay.dev.embedded import _bin_dir
 
     proc = subprocess.run([str(_bin_dir() / "postgres"), "--version"], capture_output=True, text=True)
     return proc.stdout.strip().split()[-1]

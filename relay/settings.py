@@ -36,7 +36,7 @@ from relay.errors import ConfigError
 DEFAULT_API_BASE_URL = "https://miraklconnect.com/api/channel-platform"
 DEFAULT_OAUTH_TOKEN_URL = "https://auth.mirakl.net/oauth/token"  # noqa: S105 (a URL, not a secret)
 DEFAULT_TARGET = "default"
-# The metrics label value of every target not configured (relay.metrics.UNCONFIGURED).
+# The metrics label value of every target not configured (relay.service.metrics.UNCONFIGURED).
 RESERVED_TARGET = "unconfigured"
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from relay.embedded import EmbeddedPostgres
+from relay.dev.embedded import EmbeddedPostgres
+from relay.pg.store import Store
 from relay.settings import Secret
-from relay.store import Store
 from tests.relaykit import create_migrated_database
 
 TEMPLATE = "outbox_relay_template"

@@ -104,9 +104,9 @@ def create_migrated_database(admin_url: str, name: str, url: str) -> None:
     """Create database ``name`` (through ``admin_url``) and apply the migrations to it (``url``)."""
     import asyncio
 
-    from relay.migrations import migrate
+    from relay.pg.migrations import migrate
+    from relay.pg.store import Store
     from relay.settings import Secret
-    from relay.store import Store
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"drop database if exists {name}")

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from relay.auth import NoToken, OAuthToken, StaticToken, token_source
+from relay.connect.auth import NoToken, OAuthToken, StaticToken, token_source
 from relay.errors import AuthError
 from relay.settings import OAuthSettings, Secret, TargetSettings
 

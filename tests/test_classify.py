@@ -1,4 +1,4 @@
-"""Table-driven tests of ``relay.classify``: every row of the contract's answer table."""
+"""Table-driven tests of ``relay.core.classify``: every row of the contract's answer table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Answer, Decision, Verdict, classify
+from relay.core.classify import Answer, Decision, Verdict, classify
 from relay.settings import RetrySettings
 
 POLICY = RetrySettings(base_delay=2.0, max_delay=60.0, max_attempts=5, max_age=3600.0)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.embedded import EmbeddedPostgres
-from relay.sandbox import Sandbox, SandboxConfig
+from relay.dev.embedded import EmbeddedPostgres
+from relay.dev.sandbox.server import Sandbox, SandboxConfig
 from tests.relaykit import (
     create_migrated_database,
     relay_env,

@@ -15,8 +15,8 @@ from urllib.parse import quote, quote_plus
 import psycopg
 import pytest
 
-from relay.embedded import EmbeddedPostgres
-from relay.sandbox import Sandbox, SandboxConfig
+from relay.dev.embedded import EmbeddedPostgres
+from relay.dev.sandbox.server import Sandbox, SandboxConfig
 from tests.relaykit import cli, create_migrated_database, relay_env, seed_rows, start_relay_process, states
 
 PASSWORDS = {
@@ -168,8 +168,8 @@ def test_the_old_round_trip_would_have_broken_the_password() -> None:
     libpq then decodes again."""
     from sqlalchemy.engine import make_url
 
+    from relay.pg.store import libpq_conninfo
     from relay.settings import Secret
-    from relay.store import libpq_conninfo
 
     url = "postgresql://u:" + quote("100%pure%20 x", safe="") + "@db/app"
     rendered = make_url(url).render_as_string(hide_password=False)

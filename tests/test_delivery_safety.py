@@ -16,12 +16,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from relay.client import ApiClient
-from relay.engine import Engine
-from relay.recorder import Recorder
-from relay.sandbox import DEFAULT_TOKEN, Faults, Sandbox, SandboxConfig
+from relay.connect.client import ApiClient
+from relay.core.engine import Engine
+from relay.core.recorder import Recorder
+from relay.dev.sandbox.server import DEFAULT_TOKEN, Faults, Sandbox, SandboxConfig
+from relay.pg.store import AttemptRecord, ClaimedRow, RowResult, Store
 from relay.settings import Secret
-from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
 from tests.hostile_api import Behaviour, HostileApi
 from tests.relaykit import (
     cli,

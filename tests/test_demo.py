@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay.embedded import EmbeddedPostgres
+from relay.dev.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LIMIT = 30.0  # the demo must finish well within this on a 2-core machine

@@ -8,10 +8,10 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from relay.engine import Engine
-from relay.sandbox import Faults, Sandbox, SandboxConfig
+from relay.core.engine import Engine
+from relay.dev.sandbox.server import Faults, Sandbox, SandboxConfig
+from relay.pg.store import Store
 from relay.settings import BreakerSettings
-from relay.store import Store
 from tests.relaykit import expected_bodies, relay_settings, sample_updates, seed_rows, states
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from relay.flow import BreakerState, CircuitBreaker, TokenBucket
+from relay.core.flow import BreakerState, CircuitBreaker, TokenBucket
 from relay.settings import BreakerSettings
 
 

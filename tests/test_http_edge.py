@@ -1,6 +1,6 @@
 """The HTTP edge against a hostile server on loopback (:mod:`tests.hostile_api`), no mocks.
 
-Every hostile answer comes back promptly as a normal :class:`~relay.classify.Answer`: a bounded
+Every hostile answer comes back promptly as a normal :class:`~relay.core.classify.Answer`: a bounded
 body, strings that are storable, classified by its status; memory stays flat whatever the body
 (4 MB, a gzip bomb, 100,000-deep JSON); one deadline bounds a request however slowly the server
 drips; proxy variables are ignored and the ``proxy`` setting is used; the token endpoint gets
@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from relay.classify import Answer, Verdict, classify
-from relay.client import BODY_KEEP, DEADLINE_EXCEEDED, RETRY_AFTER_LIMIT, ApiClient, truncate_body
+from relay.connect.client import BODY_KEEP, DEADLINE_EXCEEDED, RETRY_AFTER_LIMIT, ApiClient, truncate_body
+from relay.core.classify import Answer, Verdict, classify
 from relay.errors import AuthError
 from relay.settings import OAuthSettings, RetrySettings, Secret, TargetSettings, load_settings
 from tests.hostile_api import (

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.logs import configure_logging, redact, redact_url
+from relay.service.logs import configure_logging, redact, redact_url
 from relay.settings import Secret
 
 TEXT_LINE = re.compile(

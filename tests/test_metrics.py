@@ -11,9 +11,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.engine import Observer
-from relay.metrics import Metrics, MetricsServer
-from relay.store import Store
+from relay.core.engine import Observer
+from relay.pg.store import Store
+from relay.service.metrics import Metrics, MetricsServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

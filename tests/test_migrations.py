@@ -8,11 +8,11 @@ import subprocess
 import psycopg
 import pytest
 
-from relay.embedded import _bin_dir
+from relay.dev.embedded import _bin_dir
 from relay.errors import SchemaError
-from relay.migrations import available, migrate, schema_dir
+from relay.pg.migrations import available, migrate, schema_dir
+from relay.pg.store import Store
 from relay.settings import Secret
-from relay.store import Store
 
 
 def _dump(url: str) -> str:

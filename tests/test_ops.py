@@ -20,11 +20,11 @@ from urllib.parse import parse_qs
 import psycopg
 import pytest
 
-from relay import report
-from relay.migrations import latest_version
-from relay.ops import _scrub, collect_status, purge, render_status, retry_dead
+from relay.cli import report
+from relay.cli.ops import _scrub, collect_status, purge, render_status, retry_dead
+from relay.pg.migrations import latest_version
+from relay.pg.store import Store
 from relay.settings import load_settings
-from relay.store import Store
 from tests.relaykit import cli
 
 LONG_BODY = '{"message": "' + "x" * 300 + ' END-OF-BODY"}'

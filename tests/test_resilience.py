@@ -24,13 +24,13 @@ from urllib.parse import unquote
 import psycopg
 import pytest
 
-from relay.client import ApiClient, Sent
-from relay.embedded import EmbeddedPostgres
-from relay.engine import Engine
-from relay.migrations import migrate
-from relay.sandbox import Faults, Sandbox, SandboxConfig
+from relay.connect.client import ApiClient, Sent
+from relay.core.engine import Engine
+from relay.dev.embedded import EmbeddedPostgres
+from relay.dev.sandbox.server import Faults, Sandbox, SandboxConfig
+from relay.pg.migrations import migrate
+from relay.pg.store import Store
 from relay.settings import Secret, TargetSettings
-from relay.store import Store
 from tests.relaykit import (
     expected_bodies,
     relay_env,

@@ -1,4 +1,4 @@
-"""Table-driven tests of the pure retry policy in ``relay.retry``."""
+"""Table-driven tests of the pure retry policy in ``relay.core.retry``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from relay.retry import backoff_delay, give_up_reason, human_duration, parse_retry_after, retry_delay
+from relay.core.retry import backoff_delay, give_up_reason, human_duration, parse_retry_after, retry_delay
 from relay.settings import RetrySettings
 
 POLICY = RetrySettings(base_delay=2.0, max_delay=60.0, max_attempts=5, max_age=3600.0)

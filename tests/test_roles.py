@@ -18,11 +18,11 @@ import psycopg.errors
 import pytest
 from sqlalchemy.engine import make_url
 
-from relay.migrations import available, migrate
-from relay.ops import purge, retry_dead
-from relay.sandbox import Sandbox, SandboxConfig
+from relay.cli.ops import purge, retry_dead
+from relay.dev.sandbox.server import Sandbox, SandboxConfig
+from relay.pg.migrations import available, migrate
+from relay.pg.store import AttemptRecord, RowResult, Store
 from relay.settings import Secret
-from relay.store import AttemptRecord, RowResult, Store
 from tests.conftest import Server
 from tests.relaykit import relay_env, sample_updates, seed_rows, start_relay_process, states, wait_until
 

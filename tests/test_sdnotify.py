@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.sdnotify import Notifier
+from relay.service.sdnotify import Notifier
 
 
 def _receive_all(sock: socket.socket) -> list[bytes]:

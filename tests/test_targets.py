@@ -2,7 +2,7 @@
 the rate limit, several targets, secrets that never leak, and plain-http refusal.
 
 Real PostgreSQL (the session's embedded server), the sandbox API in-process on loopback, and the
-relay either in-process (:class:`relay.daemon.Relay` or :class:`relay.engine.Engine`) or as a
+relay either in-process (:class:`relay.service.daemon.Relay` or :class:`relay.core.engine.Engine`) or as a
 ``python -m relay run`` subprocess where its logs matter. Every wait polls with a deadline.
 """
 
@@ -25,13 +25,13 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from relay.daemon import Relay
-from relay.engine import Engine
+from relay.core.engine import Engine
+from relay.core.flow import BreakerState
+from relay.dev.sandbox.server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Sandbox, SandboxConfig
 from relay.errors import ConfigError
-from relay.flow import BreakerState
-from relay.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Sandbox, SandboxConfig
+from relay.pg.store import Store
+from relay.service.daemon import Relay
 from relay.settings import Secret, Settings, check_url, load_settings
-from relay.store import Store
 from tests.relaykit import (
     cli,
     expected_bodies,
@@ -231,7 +231,7 @@ async def test_token_endpoint_down_rows_wait_uncharged_then_deliver(
                 "select count(*) filter (where state = 'delivered'), count(*) filter (where state = 'dead'),"
                 " max(attempts) filter (where state <> 'delivered') from outbox.action_status_updates",
             )
-            lane_state = relay.engine.lane_states()[0]
+            lane_state = relay.core.engine.lane_states()[0]
             await asyncio.sleep(max(0.0, down_at + 4.0 - time.monotonic()))
             second = await arows(
                 database_url,
@@ -368,7 +368,7 @@ async def test_api_outage_breaker_limits_requests_and_attempts(database_url: str
         outage_a = sample_updates(200, seed=8, prefix="outage-a")
         outage_b = sample_updates(100, seed=9, prefix="outage-b")
         async with relay_running(settings) as relay:
-            lane = relay.engine.lanes["default"]
+            lane = relay.core.engine.lanes["default"]
             await asyncio.to_thread(seed_rows, database_url, warm)
             await until(all_final(database_url, 50), 20, "the warm-up rows")
 

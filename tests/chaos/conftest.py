@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.embedded import EmbeddedPostgres
-from relay.sandbox import Faults, Sandbox, SandboxConfig
+from relay.dev.embedded import EmbeddedPostgres
+from relay.dev.sandbox.server import Faults, Sandbox, SandboxConfig
 from tests.chaos.kit import Harness
 from tests.relaykit import create_migrated_database
 

@@ -34,7 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import make_url
 
-from relay.sandbox import Sandbox
+from relay.dev.sandbox.server import Sandbox
 from tests.relaykit import CODES, relay_env
 
 RELAY_APP = "outbox-relay%"  # application_name of every relay connection (pool and listener)

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from relay.errors import DatabaseError
+from relay.pg.store import Store
 from relay.settings import Secret
-from relay.store import Store
 from tests.chaos.kit import admin_url, database_name
 
 pytestmark = pytest.mark.chaos

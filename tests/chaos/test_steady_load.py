@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from relay.embedded import EmbeddedPostgres
+from relay.dev.embedded import EmbeddedPostgres
 from tests.chaos.conftest import PRIVATE_DB
 from tests.chaos.kit import (
     RELAY_APP,

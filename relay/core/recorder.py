@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from relay.errors import DatabaseError, WriteRefused
+from relay.pg.store import AttemptRecord, RowResult, Store
 from relay.sanitize import one_line
-from relay.store import AttemptRecord, RowResult, Store
 
 log = logging.getLogger("relay.engine")
 

@@ -2,12 +2,12 @@
 OAuth2 client credentials with single-flight renewal ahead of expiry.
 
 Secrets and tokens never appear in an exception message, a ``repr`` or a log record: the
-only thing logged is ``token renewed, expires in Ns`` at DEBUG (logger ``relay.auth``).
+only thing logged is ``token renewed, expires in Ns`` at DEBUG (logger ``relay.connect.auth``).
 
 What comes from outside is checked here as it enters: a token re-read from its file, and the
 token endpoint's answer, must be printable ASCII without whitespace (they go into a header); the
 endpoint's answer is read within the target's ``request_timeout`` overall and at most
-:data:`TOKEN_BODY_LIMIT` bytes of it (:mod:`relay.wire`); every piece of outside text that reaches
+:data:`TOKEN_BODY_LIMIT` bytes of it (:mod:`relay.connect.wire`); every piece of outside text that reaches
 an :class:`~relay.errors.AuthError` message has been through :mod:`relay.sanitize`. Whatever goes
 wrong, the caller sees an ``AuthError`` and nothing else.
 """
@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from relay.connect.wire import exchange
 from relay.errors import AuthError
 from relay.sanitize import one_line, storable
 from relay.settings import TOKEN_RULE, OAuthSettings, Secret, TargetSettings, is_token_text
-from relay.wire import exchange
 
 __all__ = ["NoToken", "OAuthToken", "StaticToken", "TokenSource", "token_source"]
 
@@ -315,7 +315,7 @@ def _read_head(path: Path, size: int) -> bytes:
 
 def token_source(target: TargetSettings, http: httpx.AsyncClient) -> TokenSource:
     """The token source a target's settings call for; ``http`` should not trust the environment
-    (``trust_env=False``) and carry the target's proxy, as :class:`relay.client.ApiClient`'s does."""
+    (``trust_env=False``) and carry the target's proxy, as :class:`relay.connect.client.ApiClient`'s does."""
     if target.oauth is not None:
         return OAuthToken(target.oauth, http, timeout=target.request_timeout)
     if target.token is not None or target.token_file is not None:

@@ -1,4 +1,4 @@
--- Every SQL statement outbox-relay runs, by name. relay/store.py loads this file once.
+-- Every SQL statement outbox-relay runs, by name. relay/pg/store.py loads this file once.
 -- A block starts with a line "-- name --" and runs until the next one.
 
 -- migrations_bootstrap --
@@ -150,7 +150,7 @@ delete from outbox.relay_targets where heartbeat_at < now() - interval '1 day'
 -- notify_relays --
 select pg_notify('outbox_action_status', '')
 
--- ==== operators (relay/ops.py) and metrics: status, audit, dead letters, retention ==== --
+-- ==== operators (relay/cli/ops.py) and metrics: status, audit, dead letters, retention ==== --
 
 -- ops_server_version --
 select current_setting('server_version') as version
@@ -259,7 +259,7 @@ from outbox.purge_finished(make_interval(secs => :older_than), cast(:include_dea
                            cast(:limit as integer),
                            cast(:from_state as text), cast(:from_time as timestamptz))
 
--- ==== the demo (relay/demo.py): progress and summary figures, read only ==== --
+-- ==== the demo (relay/dev/demo/command.py): progress and summary figures, read only ==== --
 
 -- demo_counts --
 select count(*) filter (where state = 'pending') as pending,

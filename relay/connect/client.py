@@ -1,12 +1,12 @@
 """The HTTP edge: one ``httpx.AsyncClient`` per target, one PUT per update, an ``Answer`` back.
 
-No status logic here (that is :mod:`relay.classify`); this module only builds the request,
+No status logic here (that is :mod:`relay.core.classify`); this module only builds the request,
 sends it, and says what came back or which transport error happened.
 
-What comes back is not trusted (:mod:`relay.wire` reads it): one deadline of
+What comes back is not trusted (:mod:`relay.connect.wire` reads it): one deadline of
 ``request_timeout`` seconds covers connect + send + wait + body, at most :data:`BODY_KEEP`
 bytes of body are kept (never inflated past that), and every string put in an
-:class:`~relay.classify.Answer` has been through :mod:`relay.sanitize`. If the deadline expires
+:class:`~relay.core.classify.Answer` has been through :mod:`relay.sanitize`. If the deadline expires
 after the status line arrived, the API did answer: the answer is that status with the body read
 so far. Before it, the answer is the transport error ``DeadlineExceeded``.
 
@@ -28,11 +28,11 @@ from urllib.parse import quote
 import httpx
 
 from relay import __version__
-from relay.auth import TokenSource, token_source
-from relay.classify import Answer
+from relay.connect.auth import TokenSource, token_source
+from relay.connect.wire import Reply, exchange
+from relay.core.classify import Answer
 from relay.sanitize import one_line, storable_bytes
 from relay.settings import TargetSettings
-from relay.wire import Reply, exchange
 
 RESPONSE_BODY_LIMIT = 4096  # what is stored of a response body (delivery_attempts.response_body)
 BODY_KEEP = 8192  # what is read of it: enough for classify to parse an error, never more

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.errors import SchemaError
-from relay.store import Store
+from relay.pg.store import Store
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 def schema_dir() -> Path:
     """``relay/_schema`` in an installed wheel, the repository's ``schema/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_schema", here.parent / "schema"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_schema", package.parent / "schema"):
         if (candidate / "migrations").is_dir():
             return candidate
     raise SchemaError("schema files not found: the installation is incomplete")

@@ -16,8 +16,8 @@ import asyncio
 import logging
 from uuid import UUID
 
+from relay.pg.store import Store
 from relay.sanitize import one_line
-from relay.store import Store
 
 log = logging.getLogger("relay.engine")
 

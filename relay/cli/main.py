@@ -59,8 +59,8 @@ def _print_json(data: Any) -> None:
 
 # -- commands that live here ---------------------------------------------------------------
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.migrations import migrate
-    from relay.store import Store
+    from relay.pg.migrations import migrate
+    from relay.pg.store import Store
 
     async def go() -> int:
         store = Store(settings.require_database_url(), pool_size=1)
@@ -87,7 +87,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.store import Store
+    from relay.pg.store import Store
 
     errors = args.error or []
 
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the new row as JSON")
 
     command(
-        "run", _lazy("relay.daemon", "cmd_run"), "run the relay daemon",
+        "run", _lazy("relay.service.daemon", "cmd_run"), "run the relay daemon",
         "Claim pending updates, PUT them to the API, record every attempt. Stops cleanly on\n"
         "SIGTERM/SIGINT: in-flight requests finish within shutdown_timeout, the rest is released.",
     )  # fmt: skip
@@ -172,7 +172,7 @@ _EXTRA_COMMANDS: list[Callable[[Callable[..., _Parser]], None]] = []
 
 
 def _register_optional() -> None:
-    for module in ("relay.ops", "relay.sandbox_cli", "relay.demo"):
+    for module in ("relay.cli.ops", "relay.dev.sandbox.command", "relay.dev.demo.command"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -23,15 +23,15 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from relay.engine import Engine, Observer
+from relay.core.engine import Engine, Observer
+from relay.core.retry import human_duration
 from relay.errors import DatabaseError, RelayError, SchemaError
-from relay.logs import configure_logging
-from relay.metrics import Metrics, MetricsServer
-from relay.migrations import latest_version
-from relay.retry import human_duration
-from relay.sdnotify import Notifier
+from relay.pg.migrations import latest_version
+from relay.pg.store import Store
+from relay.service.logs import configure_logging
+from relay.service.metrics import Metrics, MetricsServer
+from relay.service.sdnotify import Notifier
 from relay.settings import Settings
-from relay.store import Store
 
 log = logging.getLogger("relay.daemon")
 
@@ -213,7 +213,7 @@ class Relay:
     async def health(self) -> tuple[bool, str]:
         """For ``/healthz``: the database answers and the drain job is healthy (:meth:`drain_problem`).
 
-        The database is checked on a connection of its own (:class:`relay.store.HealthProbe`),
+        The database is checked on a connection of its own (:class:`relay.pg.store.HealthProbe`),
         never one of the delivery pool's. When it fails the answer is ``database unreachable`` and nothing
         of the driver's message (which can name the host, port, user and database): the reason
         goes to the log, once when the database becomes unreachable.
@@ -346,7 +346,7 @@ class Relay:
     def _add_retention_job(self) -> None:
         if self.settings.retention is None:
             return
-        from relay import ops
+        from relay.cli import ops
 
         async def purge() -> None:
             try:

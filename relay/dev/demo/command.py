@@ -39,15 +39,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
-from relay import report
+from relay.cli import report
+from relay.dev.sandbox.server import Faults
 from relay.errors import ConfigError, DatabaseError, RelayError
-from relay.sandbox import Faults
 from relay.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from relay.embedded import EmbeddedPostgres
-    from relay.sandbox import Sandbox
-    from relay.store import Store
+    from relay.dev.embedded import EmbeddedPostgres
+    from relay.dev.sandbox.server import Sandbox
+    from relay.pg.store import Store
 
 MARKER = "outbox-relay-demo.json"  # written into the demo's folder; `--stop` insists on it
 RELAY_LOG = "relay.log"
@@ -56,7 +56,7 @@ UNKNOWN_PREFIX = "unknown-"
 MAX_ROWS = 100_000
 WRITERS = 4  # application connections writing at once
 
-# What goes wrong at the sandbox, per PUT (see relay/sandbox.py).
+# What goes wrong at the sandbox, per PUT (see relay/dev/sandbox/server.py).
 FAULTS = Faults(p503=0.05, p429=0.03, retry_after=1, p_close=0.02, p_apply_500=0.02, latency=0.005)
 
 # The relay's settings for the demo: short retry delays, a quick fallback poll.
@@ -273,7 +273,7 @@ class Demo:
 
     # -- steps -----------------------------------------------------------------------------
     def run(self) -> int:
-        from relay.embedded import EmbeddedPostgres
+        from relay.dev.embedded import EmbeddedPostgres
 
         self.say("outbox-relay demo: a throwaway PostgreSQL, the sandbox API and the relay, end to end")
         logging.getLogger("psycopg").setLevel(logging.ERROR)  # no driver chatter on Ctrl-C
@@ -287,10 +287,10 @@ class Demo:
         return asyncio.run(self._async_steps())
 
     async def _async_steps(self) -> int:
-        from relay.migrations import migrate
-        from relay.sandbox import DEFAULT_TOKEN, Sandbox, SandboxConfig
+        from relay.dev.sandbox.server import DEFAULT_TOKEN, Sandbox, SandboxConfig
+        from relay.pg.migrations import migrate
+        from relay.pg.store import Store
         from relay.settings import Secret
-        from relay.store import Store
 
         store = Store(Secret(self.url), pool_size=1, application_name="outbox-relay demo")
         try:
@@ -350,9 +350,9 @@ class Demo:
         return load_settings(None, environ=env)
 
     async def _deliver(self, store: Store, sandbox: Sandbox, token: str) -> Outcome:
-        from relay.daemon import Relay
-        from relay.logs import configure_logging
-        from relay.store import demo_counts
+        from relay.pg.store import demo_counts
+        from relay.service.daemon import Relay
+        from relay.service.logs import configure_logging
 
         settings = self._settings(sandbox.url, token)
         log_path = self.dir / RELAY_LOG
@@ -397,7 +397,7 @@ class Demo:
         return await self._collect(store, sandbox, elapsed or time.monotonic() - began)
 
     async def _collect(self, store: Store, sandbox: Sandbox, elapsed: float) -> Outcome:
-        from relay.store import demo_counts, demo_outcomes, demo_retried_example, demo_summary
+        from relay.pg.store import demo_counts, demo_outcomes, demo_retried_example, demo_summary
 
         counts = await demo_counts(store)
         figures = await demo_summary(store)
@@ -656,7 +656,7 @@ def _signals_ignored() -> Iterator[None]:
 # -- the command ----------------------------------------------------------------------------
 def stop_kept(folder_arg: str) -> int:
     """``demo --stop DIR``: stop a database left running by ``demo --keep`` and delete its folder."""
-    from relay.embedded import EmbeddedPostgres
+    from relay.dev.embedded import EmbeddedPostgres
 
     folder = Path(folder_arg).expanduser().resolve()
     if not (folder / MARKER).is_file():
@@ -698,7 +698,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add ``demo`` to the command line (called by :mod:`relay.cli`)."""
+    """Add ``demo`` to the command line (called by :mod:`relay.cli.main`)."""
     p = command(
         "demo", cmd_demo, "see it work end to end: a throwaway PostgreSQL, the sandbox and the relay",
         "Start a throwaway PostgreSQL (the 'embedded' extra) and the sandbox API with some faults on,\n"

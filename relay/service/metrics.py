@@ -3,8 +3,8 @@
 :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-global one), so any
 number of relays can live in one process (tests do). The engine reports through the
 methods ``request``, ``delivered``, ``dead``, ``circuit`` and ``unwritable`` (its
-``Observer``); the daemon adds ``backlog`` (from :meth:`relay.store.Store.backlog`),
-``target_paused`` (from :meth:`relay.engine.Engine.paused_for`, at each heartbeat) and
+``Observer``); the daemon adds ``backlog`` (from :meth:`relay.pg.store.Store.backlog`),
+``target_paused`` (from :meth:`relay.core.engine.Engine.paused_for`, at each heartbeat) and
 ``drained``.
 
 :class:`MetricsServer` is plain asyncio: ``GET /metrics`` answers the text exposition format,
@@ -63,7 +63,7 @@ UNCONFIGURED = RESERVED_TARGET  # the label value of every target not in the con
 
 
 class Backlog(Protocol):
-    """One target's backlog (:class:`relay.store.TargetBacklog`)."""
+    """One target's backlog (:class:`relay.pg.store.TargetBacklog`)."""
 
     @property
     def target(self) -> str: ...
@@ -168,7 +168,7 @@ class Metrics:
         self._oldest.labels(self.label(target)).set(oldest_seconds)
 
     def backlogs(self, rows: Iterable[Backlog]) -> None:
-        """The backlog of every target at once (:meth:`relay.store.Store.backlog`).
+        """The backlog of every target at once (:meth:`relay.pg.store.Store.backlog`).
 
         Targets exported under the same label (every unconfigured one) are added up: their
         pending rows summed, their oldest age the largest. Each configured target, and

@@ -19,7 +19,7 @@ no response, maybe sent / certainly not sent           retry      yes      yes /
 anything else (1xx, 3xx, ...)                          retry      yes      no          yes
 =====================================================  =========  =======  ==========  =========
 
-A retry becomes ``dead`` once :func:`relay.retry.give_up_reason` says so for the attempt just made.
+A retry becomes ``dead`` once :func:`relay.core.retry.give_up_reason` says so for the attempt just made.
 A refusal (401/403) is the whole target's unless the caller saw the API accept another row of the
 same target after this request started (``others_accepted``): then it is this row's own, charged,
 retried with backoff and dead once the row's budget is spent, with the API's answer recorded.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from relay import retry
+from relay.core import retry
 from relay.sanitize import one_line, storable
 from relay.settings import RetrySettings
 

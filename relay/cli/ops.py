@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from relay import report
-from relay.client import ApiClient
+from relay.cli import report
+from relay.connect.client import ApiClient
 from relay.errors import ConfigError, NotFound, RelayError, SchemaError
-from relay.migrations import latest_version
+from relay.pg.migrations import latest_version
+from relay.pg.store import Store
 from relay.settings import (
     DAY,
     PURGE_MIN_AGE,
@@ -30,7 +31,6 @@ from relay.settings import (
     parse_duration,
     whole_in,
 )
-from relay.store import Store
 
 T = TypeVar("T")
 Progress = Callable[[int, int, int], None]
@@ -471,7 +471,7 @@ def _dead_usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add the operator commands to the command line (called by :mod:`relay.cli`)."""
+    """Add the operator commands to the command line (called by :mod:`relay.cli.main`)."""
     p = command(
         "status", cmd_status, "rows per target and state, backlog age, paused targets, live relays",
         "Per target: rows pending, in flight, delivered and dead; the age of the oldest row waiting;\n"

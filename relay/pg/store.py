@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError, WriteRefused
-from relay.logs import redact
+from relay.service.logs import redact
 from relay.settings import Secret, database_params
 
 NOTIFY_CHANNEL = "outbox_action_status"
@@ -40,7 +40,7 @@ _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 @cache
 def queries() -> dict[str, str]:
     """The named statements of ``queries.sql``."""
-    source = resources.files("relay").joinpath("queries.sql").read_text(encoding="utf-8")
+    source = resources.files("relay.pg").joinpath("queries.sql").read_text(encoding="utf-8")
     parts = _BLOCK.split(source)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
@@ -388,7 +388,7 @@ class Store:
         finally:
             await conn.close()
 
-    # -- operators (relay/ops.py) and metrics ---------------------------------------------
+    # -- operators (relay/cli/ops.py) and metrics ---------------------------------------------
     async def server_version(self) -> str:
         """The server's version, e.g. ``18.6``."""
         rows = await self._rows("ops_server_version")
@@ -580,7 +580,7 @@ class TargetBacklog:
     oldest_pending_seconds: float
 
 
-# -- the demo (relay/demo.py): read-only figures ----------------------------------------------
+# -- the demo (relay/dev/demo/command.py): read-only figures ----------------------------------------------
 # Module functions rather than Store methods, so this block stays apart from the class above.
 async def demo_counts(store: Store) -> dict[str, int]:
     """Rows per state: ``pending``, ``in_flight``, ``delivered``, ``dead``."""

@@ -4,12 +4,12 @@
 with sends: each target holds at most twice its concurrency in claimed rows, sends at most
 ``max_concurrency`` at once (rate-limited, behind its circuit breaker), and results are written
 in batches by a :class:`Recorder`, each write guarded by the claim's fencing token. Tests call
-``run_once()`` directly; :mod:`relay.daemon` only decides when.
+``run_once()`` directly; :mod:`relay.service.daemon` only decides when.
 
 A request leaves only when everything it needs fits in the row's lease: the rate limiter's wait,
 the token fetch and the request's own deadline (``request_timeout``). A row that cannot make it
 is released unsent, and a rate-limited target claims only what its limiter can release in time.
-Before a request leaves, its row is marked as being sent (:mod:`relay.sending`): that mark, not
+Before a request leaves, its row is marked as being sent (:mod:`relay.core.sending`): that mark, not
 the claim, is what makes a row whose relay died "may have reached the API".
 """
 
@@ -25,15 +25,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from relay.classify import Answer, Decision, Verdict, classify
-from relay.client import RESPONSE_BODY_LIMIT, ApiClient, Sent, request_body
+from relay.connect.client import RESPONSE_BODY_LIMIT, ApiClient, Sent, request_body
+from relay.core.classify import Answer, Decision, Verdict, classify
+from relay.core.flow import BreakerState, CircuitBreaker, TokenBucket
+from relay.core.recorder import Recorder
+from relay.core.sending import SendMarks
 from relay.errors import AuthError, DatabaseError
-from relay.flow import BreakerState, CircuitBreaker, TokenBucket
-from relay.recorder import Recorder
+from relay.pg.store import AttemptRecord, ClaimedRow, RowResult, Store
 from relay.sanitize import one_line, storable_bytes
-from relay.sending import SendMarks
 from relay.settings import Settings, TargetSettings
-from relay.store import AttemptRecord, ClaimedRow, RowResult, Store
 
 log = logging.getLogger("relay.engine")
 

@@ -1,4 +1,4 @@
-"""`outbox-relay sandbox`: the command-line face of :mod:`relay.sandbox`."""
+"""`outbox-relay sandbox`: the command-line face of :mod:`relay.dev.sandbox.server`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from relay.settings import Settings
 
 
 def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.sandbox import run_from_args
+    from relay.dev.sandbox.server import run_from_args
 
     return run_from_args(args)
 
 
 def register(command: Callable[..., Any]) -> None:
-    from relay.sandbox import add_arguments
+    from relay.dev.sandbox.server import add_arguments
 
     parser = command(
         "sandbox", cmd_sandbox, "a local stand-in for the Mirakl Connect API, with fault injection",

@@ -1,0 +1,1 @@
+"""The operator's surface: argument parsing, the operator commands, and what they print."""

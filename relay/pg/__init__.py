@@ -1,0 +1,1 @@
+"""The PostgreSQL edge: named queries, the store, migrations, and the Python API for writers."""
