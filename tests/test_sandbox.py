@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from relay.dev.sandbox.command import add_arguments, config_from_args
 from relay.dev.sandbox.server import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
@@ -29,8 +30,6 @@ from relay.dev.sandbox.server import (
     Faults,
     Sandbox,
     SandboxConfig,
-    add_arguments,
-    config_from_args,
 )
 from relay.errors import ConfigError
 
@@ -631,7 +630,7 @@ def test_bad_command_line_values_are_one_clear_config_error(argv: list[str], mes
 def test_run_from_args_serves_until_sigterm_and_prints_a_summary() -> None:
     script = (
         "import argparse, sys\n"
-        "from relay.dev.sandbox.server import add_arguments, run_from_args\n"
+        "from relay.dev.sandbox.command import add_arguments, run_from_args\n"
         "parser = argparse.ArgumentParser()\n"
         "add_arguments(parser)\n"
         "sys.exit(run_from_args(parser.parse_args(sys.argv[1:])))\n"

@@ -40,13 +40,13 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from relay.cli import report
-from relay.dev.sandbox.server import Faults
+from relay.dev.sandbox import Faults
 from relay.errors import ConfigError, DatabaseError, RelayError
 from relay.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from relay.dev.embedded import EmbeddedPostgres
-    from relay.dev.sandbox.server import Sandbox
+    from relay.dev.sandbox import Sandbox
     from relay.pg.store import Store
 
 MARKER = "outbox-relay-demo.json"  # written into the demo's folder; `--stop` insists on it
@@ -56,7 +56,7 @@ UNKNOWN_PREFIX = "unknown-"
 MAX_ROWS = 100_000
 WRITERS = 4  # application connections writing at once
 
-# What goes wrong at the sandbox, per PUT (see relay/dev/sandbox/server.py).
+# What goes wrong at the sandbox, per PUT (see relay/dev/sandbox/faults.py).
 FAULTS = Faults(p503=0.05, p429=0.03, retry_after=1, p_close=0.02, p_apply_500=0.02, latency=0.005)
 
 # The relay's settings for the demo: short retry delays, a quick fallback poll.
@@ -287,7 +287,7 @@ class Demo:
         return asyncio.run(self._async_steps())
 
     async def _async_steps(self) -> int:
-        from relay.dev.sandbox.server import DEFAULT_TOKEN, Sandbox, SandboxConfig
+        from relay.dev.sandbox import DEFAULT_TOKEN, Sandbox, SandboxConfig
         from relay.pg.migrations import migrate
         from relay.pg.store import Store
         from relay.settings import Secret

@@ -17,19 +17,14 @@ It serves, on plain HTTP (loopback by default), what the relay talks to:
 ``GET /_sandbox/summary`` and ``GET /_sandbox/applied``
     Read the state from another process. These admin requests are not recorded or counted.
 
-Faults are drawn per PUT, after the auth check, from a seeded :class:`random.Random`, in the
-order close, 503, 429, apply_500, apply_hang; the first one drawn wins. The first three answer
-without applying anything. ``apply_500`` and ``apply_hang`` only take effect on a request that
-really applies an update (a valid body for a new action): the update lands, then the answer is a
-500, or no answer at all after ``hang_seconds`` (the connection is then closed). That is the
-"it landed but we never heard" case the relay must cope with.
+Faults (:mod:`relay.dev.sandbox.faults`) shape the answers; the command line is
+:mod:`relay.dev.sandbox.command`.
 
 Standard library only: the demo, the tests and users trialling an integration run it as is.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
@@ -39,7 +34,6 @@ import math
 import random
 import re
 import secrets
-import signal
 import socket
 import socketserver
 import sys
@@ -50,10 +44,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any, cast
 from urllib.parse import parse_qs, unquote
 
+from relay.dev.sandbox.faults import (
+    FAULT_429,
+    FAULT_503,
+    FAULT_APPLY_500,
+    FAULT_APPLY_HANG,
+    FAULT_CLOSE,
+    FAULT_FORCED,
+    Faults,
+)
 from relay.errors import ConfigError
 
 ERROR_CODES = frozenset(
@@ -75,22 +78,6 @@ DEFAULT_TOKEN = "sandbox-token"  # noqa: S105
 DEFAULT_CLIENT_ID = "sandbox-client"
 DEFAULT_CLIENT_SECRET = "sandbox-secret"  # noqa: S105
 
-# Fault names, as found in RequestRecord.fault, summary()["by_fault"] and the request log.
-FAULT_CLOSE = "close"
-FAULT_503 = "503"
-FAULT_429 = "429"
-FAULT_APPLY_500 = "apply_500"
-FAULT_APPLY_HANG = "apply_hang"
-FAULT_FORCED = "forced_status"
-
-_PROBABILITIES = ("p_close", "p503", "p429", "p_apply_500", "p_apply_hang")
-_FAULT_OF = {
-    "p_close": FAULT_CLOSE,
-    "p503": FAULT_503,
-    "p429": FAULT_429,
-    "p_apply_500": FAULT_APPLY_500,
-    "p_apply_hang": FAULT_APPLY_HANG,
-}
 _FORCED_CODES = {
     400: "INVALID_INPUT",
     401: "UNAUTHORIZED",
@@ -104,45 +91,6 @@ _FORCED_CODES = {
 }
 _CONTENT_LENGTH = re.compile(r"^\s*[0-9]{1,12}\s*$")
 _CHUNK_SIZE = re.compile(rb"^\s*([0-9A-Fa-f]{1,8})\s*(;.*)?$", re.DOTALL)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class Faults:
-    """What goes wrong, per PUT. Probabilities are from 0 to 1; durations are in seconds."""
-
-    p503: float = 0.0
-    p429: float = 0.0
-    retry_after: int = 1
-    p_close: float = 0.0
-    p_apply_500: float = 0.0
-    p_apply_hang: float = 0.0
-    hang_seconds: float = 10.0
-    latency: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in _PROBABILITIES:
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{_flag(name)}: expected a probability between 0 and 1, got {value!r}")
-        for name, value in (("--hang-seconds", self.hang_seconds), ("latency", self.latency)):
-            if not isinstance(value, int | float) or not 0.0 <= value < math.inf:
-                raise ConfigError(f"{name}: expected a number of seconds, zero or more, got {value!r}")
-        if not isinstance(self.retry_after, int) or self.retry_after < 0:
-            raise ConfigError(
-                f"--retry-after: expected whole seconds, zero or more, got {self.retry_after!r}"
-            )
-
-    def draw(self, rng: random.Random) -> str | None:
-        """The fault this request gets, if any (one draw per non-zero probability)."""
-        for name in _PROBABILITIES:
-            probability: float = getattr(self, name)
-            if probability > 0.0 and rng.random() < probability:
-                return _FAULT_OF[name]
-        return None
 
 
 def _default_clients() -> dict[str, str]:
@@ -837,150 +785,3 @@ class _Handler(BaseHTTPRequestHandler):
         """Protocol errors (bad request line, unknown method, ...) in the API's JSON shape."""
         reason = message or self.responses.get(code, ("error",))[0]
         self._api_error(code, "HTTP_ERROR", reason, headers={"Connection": "close"})
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the sandbox's options to ``parser`` (the main CLI's ``sandbox`` command)."""
-    parser.add_argument(
-        "--host", default="127.0.0.1",
-        help="address to listen on (default: %(default)s; 0.0.0.0 lets other machines in, "
-        "and the sandbox has no TLS)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--port", type=int, default=8080,
-        help="TCP port (default: %(default)s; 0 picks a free one, shown in the first line printed)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--token", action="append", metavar="TOKEN",
-        help=f"a static bearer token to accept; repeat for several (default: {DEFAULT_TOKEN}). "
-        "Point the relay's RELAY_API_TOKEN at it",
-    )  # fmt: skip
-    parser.add_argument(
-        "--oauth-client", action="append", metavar="ID:SECRET",
-        help=f"an OAuth2 client that may get tokens from /oauth/token; repeat for several "
-        f"(default: {DEFAULT_CLIENT_ID}:{DEFAULT_CLIENT_SECRET})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--token-lifetime", type=float, default=3600.0, metavar="SECONDS",
-        help="how long an issued token is accepted; a few seconds exercises token renewal "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--unknown-prefix", default="unknown-", metavar="PREFIX",
-        help="action ids starting with PREFIX get 404 ACTION_NOT_FOUND, as expired or unknown "
-        "actions do; an empty string turns this off (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--seed", type=int, default=None,
-        help="seed for the fault draws, to replay the same sequence of faults (default: random)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--log", type=Path, default=None, metavar="FILE",
-        help="append one JSON line per request to FILE (never a token or secret)",
-    )  # fmt: skip
-    _add_fault_arguments(parser.add_argument_group(
-        "fault injection",
-        "Each PUT with a valid token draws its fault, in this order: close, 503, 429, apply-500, "
-        "apply-hang. Probabilities go from 0 (never) to 1 (always).",
-    ))  # fmt: skip
-
-
-def _add_fault_arguments(group: argparse._ArgumentGroup) -> None:
-    def probability(flag: str, help_text: str) -> None:
-        group.add_argument(flag, type=float, default=0.0, metavar="P", help=help_text + " (default: 0)")
-
-    probability("--p503", "answer 503 UNAVAILABLE without applying: a transient outage")
-    probability("--p429", "answer 429 with Retry-After without applying: rate limiting")
-    group.add_argument(
-        "--retry-after", type=int, default=1, metavar="SECONDS",
-        help="the Retry-After sent with 429 answers (default: %(default)s)",
-    )  # fmt: skip
-    probability("--p-close", "close the connection without any answer, without applying: the relay sees "
-                "a transport error and must send again")  # fmt: skip
-    probability("--p-apply-500", "apply the update, then answer 500: the retry must accept the "
-                "400 ACTION_ALREADY_FINAL that follows as delivered")  # fmt: skip
-    probability("--p-apply-hang", "apply the update, then hold the connection for --hang-seconds "
-                "and close it unanswered: the relay times out although the update landed")  # fmt: skip
-    group.add_argument(
-        "--hang-seconds", type=float, default=10.0, metavar="SECONDS",
-        help="how long --p-apply-hang holds a connection; make it longer than the relay's request "
-        "timeout (default: %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS",
-        help="milliseconds added to every authorized PUT, to see concurrency at work (default: %(default)s)",
-    )  # fmt: skip
-
-
-def _parse_client(value: str) -> tuple[str, str]:
-    client_id, colon, secret = value.partition(":")
-    if not colon or not client_id or not secret:
-        raise ConfigError(f"--oauth-client: expected ID:SECRET, got {value!r}")
-    return client_id, secret
-
-
-def config_from_args(args: argparse.Namespace) -> SandboxConfig:
-    """The :class:`SandboxConfig` for options added by :func:`add_arguments`; ConfigError if invalid."""
-    latency_ms: float = args.latency_ms
-    if not 0.0 <= latency_ms < math.inf:
-        raise ConfigError(f"--latency-ms: expected zero or more milliseconds, got {latency_ms!r}")
-    faults = Faults(
-        p503=args.p503,
-        p429=args.p429,
-        retry_after=args.retry_after,
-        p_close=args.p_close,
-        p_apply_500=args.p_apply_500,
-        p_apply_hang=args.p_apply_hang,
-        hang_seconds=args.hang_seconds,
-        latency=latency_ms / 1000.0,
-    )
-    tokens: list[str] | None = args.token
-    clients: list[str] | None = args.oauth_client
-    return SandboxConfig(
-        host=args.host,
-        port=args.port,
-        tokens=tuple(tokens) if tokens else (DEFAULT_TOKEN,),
-        oauth_clients=dict(_parse_client(c) for c in clients) if clients else _default_clients(),
-        token_lifetime=args.token_lifetime,
-        unknown_prefix=args.unknown_prefix,
-        faults=faults,
-        seed=args.seed,
-        log_path=args.log,
-    )
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """One human line for :meth:`Sandbox.summary`."""
-    by_status = " ".join(f"{k}={v}" for k, v in summary["by_status"].items()) or "-"
-    by_fault = " ".join(f"{k}={v}" for k, v in summary["by_fault"].items()) or "-"
-    return (
-        f"sandbox summary: {summary['requests']} requests, {summary['applied']} applied, "
-        f"{summary['duplicates']} duplicates refused, {summary['token_requests']} token requests; "
-        f"by status: {by_status}; by fault: {by_fault}"
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM, then print a summary. Call it from the main thread."""
-    config = config_from_args(args)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with Sandbox(config) as sandbox:
-            print(sandbox.banner(), flush=True)
-            while not stop.wait(0.5):
-                pass
-            summary = sandbox.summary()
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-    print(format_summary(summary), flush=True)
-    return 0
