@@ -21,7 +21,8 @@ import psycopg
 import pytest
 
 from relay.cli import report
-from relay.cli.ops import _scrub, collect_status, purge, render_status, retry_dead
+from relay.cli.ops import _scrub, collect_status, render_status, retry_dead
+from relay.core.retention import purge
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store
 from relay.settings import load_settings

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from relay.cli import report
 from relay.connect.client import ApiClient
+from relay.core.retention import PURGE_BATCH, purge
 from relay.errors import ConfigError, NotFound, RelayError, SchemaError
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store
@@ -33,12 +34,10 @@ from relay.settings import (
 )
 
 T = TypeVar("T")
-Progress = Callable[[int, int, int], None]
 
 FRESH_HEARTBEAT = 120.0  # a relay_targets row younger than this belongs to a live relay
 PAUSED_STATES = ("paused", "probing")  # relay_targets states of a target that is not serving
 RETRY_BATCH = 500
-PURGE_BATCH = 1000
 
 
 async def _using_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
@@ -294,36 +293,6 @@ def cmd_dead_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # -- retention ------------------------------------------------------------------------------
-async def purge(
-    store: Store,
-    older_than: float,
-    include_dead: bool,
-    batch_size: int = PURGE_BATCH,
-    *,
-    progress: Progress | None = None,
-) -> int:
-    """Delete delivered rows (and dead ones with ``include_dead``) finished more than ``older_than``
-    seconds ago (at least one hour, ``settings.PURGE_MIN_AGE``: PostgreSQL refuses less), with their attempts,
-    ``batch_size`` rows per transaction, through ``outbox.purge_finished``. Rows another
-    transaction holds are skipped, pending and in-flight rows are never touched. Returns the
-    number of updates deleted; ``progress(batch, updates, attempts)`` is called per batch."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    total = batch = 0
-    state: str | None = "delivered"
-    start: datetime | None = None
-    while state is not None:
-        updates, attempts, state, start = await store.purge_batch(
-            older_than, include_dead, batch_size, state, start
-        )
-        if updates:
-            batch += 1
-            total += updates
-            if progress is not None:
-                progress(batch, updates, attempts)
-    return total
-
-
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     what = "delivered and dead" if args.include_dead else "delivered"
     span = report.age(args.older_than)

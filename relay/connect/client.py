@@ -28,9 +28,9 @@ from urllib.parse import quote
 import httpx
 
 from relay import __version__
+from relay.connect.answer import Answer
 from relay.connect.auth import TokenSource, token_source
 from relay.connect.wire import Reply, exchange
-from relay.core.classify import Answer
 from relay.sanitize import one_line, storable_bytes
 from relay.settings import TargetSettings
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from relay.connect.answer import Answer
 from relay.core import retry
 from relay.sanitize import one_line, storable
 from relay.settings import RetrySettings
@@ -46,17 +47,6 @@ ALREADY_FINAL = "ACTION_ALREADY_FINAL"
 MESSAGE_LIMIT = 500
 CODE_LIMIT = 100
 _RETRYABLE_4XX = frozenset({408, 425, 429})
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What one HTTP request produced."""
-
-    status: int | None  # HTTP status; None when no response arrived
-    body: bytes = b""
-    retry_after: str | None = None  # the raw Retry-After header
-    transport_error: str | None = None  # e.g. "ReadTimeout", "ConnectError", "RemoteProtocolError"
-    maybe_sent: bool = True  # False when the request certainly never reached the server
 
 
 class Verdict(StrEnum):

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from relay.connect.answer import Answer
 from relay.connect.client import RESPONSE_BODY_LIMIT, ApiClient, Sent, request_body
-from relay.core.classify import Answer, Decision, Verdict, classify
+from relay.core.classify import Decision, Verdict, classify
 from relay.core.flow import BreakerState, CircuitBreaker, TokenBucket
 from relay.core.recorder import Recorder
 from relay.core.sending import SendMarks

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -37,21 +37,42 @@ NOTIFY_CHANNEL = "outbox_action_status"
 _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
-@cache
-def queries() -> dict[str, str]:
-    """The named statements of ``queries.sql``."""
-    source = resources.files("relay.pg").joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _BLOCK.split(source)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+class NamedQueries:
+    """The statements of one ``.sql`` file, by name: each block starts with a ``-- name --`` line.
+
+    ``text(name)`` is the statement as written (``:param`` placeholders, for SQLAlchemy);
+    ``driver(name)`` is the same with psycopg's ``%(param)s`` placeholders.
+    """
+
+    def __init__(self, package: str, filename: str = "queries.sql") -> None:
+        self.package, self.filename = package, filename
+
+    @cached_property
+    def statements(self) -> dict[str, str]:
+        source = resources.files(self.package).joinpath(self.filename).read_text(encoding="utf-8")
+        parts = _BLOCK.split(source)
+        return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+    def text(self, name: str) -> str:
+        return self.statements[name]
+
+    @cache  # noqa: B019 -- a few module-level instances, kept for the life of the process
+    def driver(self, name: str) -> str:
+        return _PARAM.sub(r"%(\1)s", self.statements[name].replace("%", "%%"))
 
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+QUERIES = NamedQueries("relay.pg")
 
 
-@cache
+def queries() -> dict[str, str]:
+    """The named statements of ``relay/pg/queries.sql``."""
+    return QUERIES.statements
+
+
 def driver_sql(name: str) -> str:
     """The named statement with psycopg placeholders: ``:name`` becomes ``%(name)s``."""
-    return _PARAM.sub(r"%(\1)s", queries()[name].replace("%", "%%"))
+    return QUERIES.driver(name)
 
 
 def _q(name: str) -> Any:
@@ -209,7 +230,15 @@ class Store:
         except (SQLAlchemyError, psycopg.Error, OSError) as exc:
             raise _translate(exc, self._secrets) from exc
 
-    async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    async def fetch(
+        self, source: NamedQueries, name: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Run a named statement of another query file (the demo's figures) as :meth:`_rows` does."""
+        return await self._rows(name, params, source)
+
+    async def _rows(
+        self, name: str, params: Mapping[str, Any] | None = None, source: NamedQueries = QUERIES
+    ) -> list[dict[str, Any]]:
         """Run one named statement in its own implicit transaction: one round trip.
 
         The connection comes from SQLAlchemy's pool; the statement runs on its psycopg
@@ -222,7 +251,7 @@ class Store:
                 driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
                 try:
                     async with driver.cursor(row_factory=dict_row) as cur:
-                        await cur.execute(driver_sql(name), dict(params or {}))
+                        await cur.execute(source.driver(name), dict(params or {}))
                         return await cur.fetchall() if cur.description else []
                 except (
                     psycopg.OperationalError,
@@ -578,28 +607,3 @@ class TargetBacklog:
     target: str
     pending: int
     oldest_pending_seconds: float
-
-
-# -- the demo (relay/dev/demo/command.py): read-only figures ----------------------------------------------
-# Module functions rather than Store methods, so this block stays apart from the class above.
-async def demo_counts(store: Store) -> dict[str, int]:
-    """Rows per state: ``pending``, ``in_flight``, ``delivered``, ``dead``."""
-    rows = await store._rows("demo_counts")
-    return {str(k): int(v) for k, v in dict(rows[0]).items()}
-
-
-async def demo_summary(store: Store) -> dict[str, Any]:
-    """Attempt counts by outcome and commit-to-delivery latency percentiles (ms, None if none)."""
-    rows = await store._rows("demo_summary")
-    return dict(rows[0])
-
-
-async def demo_outcomes(store: Store) -> list[dict[str, Any]]:
-    """Every update's ``action_id``, ``state`` and ``delivered_on_404``, in id order."""
-    return [dict(r) for r in await store._rows("demo_outcomes")]
-
-
-async def demo_retried_example(store: Store) -> str | None:
-    """The action id of a delivered update that needed more than one request, if any."""
-    rows = await store._rows("demo_retried_example")
-    return str(rows[0]["action_id"]) if rows else None

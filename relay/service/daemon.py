@@ -346,12 +346,12 @@ class Relay:
     def _add_retention_job(self) -> None:
         if self.settings.retention is None:
             return
-        from relay.cli import ops
+        from relay.core.retention import purge as purge_finished
 
         async def purge() -> None:
             try:
                 assert self.settings.retention is not None
-                removed = await ops.purge(
+                removed = await purge_finished(
                     self.store, self.settings.retention, self.settings.retention_include_dead, 1000
                 )
                 log.info("retention purge done", extra={"rows": removed})

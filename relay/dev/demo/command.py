@@ -11,7 +11,7 @@ holds only the JSON summary):
 4. play the application: each outcome is written with plain SQL in its own transaction, together
    with a change to a toy ``demo.shop_orders`` table, and one bad write is refused by PostgreSQL
    (its order change rolls back with it). The SQL of this step is the application's, not the
-   relay's, which is why it lives here and not in ``queries.sql``;
+   relay's, which is why it lives here and not in a ``queries.sql``;
 5. run the relay in-process until every row is delivered or dead, one progress line a second;
 6. print the summary and the audit of a row that needed retries;
 7. clean up: stop everything and delete the folder, unless ``--keep``.
@@ -350,7 +350,7 @@ class Demo:
         return load_settings(None, environ=env)
 
     async def _deliver(self, store: Store, sandbox: Sandbox, token: str) -> Outcome:
-        from relay.pg.store import demo_counts
+        from relay.dev.demo import figures
         from relay.service.daemon import Relay
         from relay.service.logs import configure_logging
 
@@ -369,7 +369,7 @@ class Demo:
                 await asyncio.wait({task}, timeout=0.1)
                 if task.done() or relay.stop_event.is_set():
                     break
-                counts = await demo_counts(store)
+                counts = await figures.counts(store)
                 now = time.monotonic()
                 left = counts["pending"] + counts["in_flight"]
                 if left == 0:
@@ -397,11 +397,11 @@ class Demo:
         return await self._collect(store, sandbox, elapsed or time.monotonic() - began)
 
     async def _collect(self, store: Store, sandbox: Sandbox, elapsed: float) -> Outcome:
-        from relay.pg.store import demo_counts, demo_outcomes, demo_retried_example, demo_summary
+        from relay.dev.demo import figures as read
 
-        counts = await demo_counts(store)
-        figures = await demo_summary(store)
-        rows = await demo_outcomes(store)
+        counts = await read.counts(store)
+        figures = await read.summary(store)
+        rows = await read.outcomes(store)
         seen = sandbox.summary()
         applied = dict(sandbox.apply_count)
         delivered = {r["action_id"] for r in rows if r["state"] == "delivered"}
@@ -413,7 +413,7 @@ class Demo:
         needless = max(0, int(seen["duplicates"]) - int(figures["already_final_after_unknown"]))
         applied_twice = sum(1 for n in applied.values() if n > 1) + needless
         lost = sorted(set(applied) - delivered)
-        example = await demo_retried_example(store)
+        example = await read.retried_example(store)
         audit = await store.audit(example) if example else []
         return Outcome(counts, figures, seen, applied_twice, lost, on_404, dead_unknown, elapsed, audit)
 
