@@ -269,3 +269,13 @@ def test_errors_of_exactly_64_kib_are_accepted_and_one_byte_more_is_not(db: psyc
     assert caught.value.diag.message_primary == (
         "errors is 65537 bytes long as JSON text; at most 65536 (64 KiB) are allowed"
     )
+
+
+def test_the_sandbox_accepts_exactly_the_error_codes_the_schema_seeds(db: psycopg.Connection) -> None:
+    """Two lists of one API fact: the schema's seed (SQL, which operators may extend) and the
+    codes the sandbox accepts as the real API does. They must not drift apart."""
+    from relay.dev.sandbox import ERROR_CODES
+
+    seeded = {row[0] for row in db.execute("select code from outbox.error_codes")}
+    assert len(seeded) == 13
+    assert seeded == ERROR_CODES

@@ -195,7 +195,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._stopping = False
         self.running = False
-        self.delivered = 0
+        self.delivered = 0  # rows delivered since the engine started
+        self.dead = 0  # rows dead-lettered since the engine started
         self.next_due: datetime | None = None  # the earliest retry this engine scheduled
         # time.monotonic() of the last sign of progress: a claim that returned rows, an answer
         # (or a transport error) received, results written. The daemon's health check reads it.
@@ -247,11 +248,16 @@ class Engine:
                 log.error("could not write final results, retrying", extra={"error": str(exc)})
                 await asyncio.sleep(0.5 * (attempt + 1))
 
+    @property
+    def finished(self) -> int:
+        """Rows that reached an end state (delivered or dead) since the engine started."""
+        return self.delivered + self.dead
+
     # -- the drain -------------------------------------------------------------------------
     async def run_once(self) -> int:
         """Drain until nothing is due (or stop); returns the rows finished in this run."""
         self.running = True
-        finished_before = self.delivered
+        finished_before = self.finished
         try:
             await self.recorder.flush()
             for lane in self.lanes.values():
@@ -284,7 +290,7 @@ class Engine:
                 await asyncio.wait(set(self._tasks))
             await self.recorder.flush()
             self.last_run_ok = self.clock()
-            return self.delivered - finished_before
+            return self.finished - finished_before
         finally:
             self.running = False
 
@@ -513,14 +519,14 @@ class Engine:
             charged=1 if decision.charged else 0, requests=requests, unknown=decision.outcome_unknown,
             http_status=status, last_error=None if decision.verdict == Verdict.DELIVERED else decision.reason,
         )  # fmt: skip
+        if decision.verdict in (Verdict.DELIVERED, Verdict.DEAD):
+            lane.refused.pop(row.id, None)
         if decision.verdict == Verdict.DELIVERED:
             lane.breaker.record_success()
             lane.succeeded()
             self.delivered += 1
             self.observer.delivered(lane.name, (self.clock() - row.created_at).total_seconds())
             return replace(result, state="delivered", retry_at=None)
-        if decision.verdict in (Verdict.DELIVERED, Verdict.DEAD):
-            lane.refused.pop(row.id, None)
         if decision.verdict == Verdict.PAUSE:  # not charged: back to pending until the pause ends
             lane.refused_row(row.id, time.monotonic())
             self._pause(lane, decision.reason)
@@ -535,7 +541,7 @@ class Engine:
         else:
             lane.breaker.record_success()
         if decision.verdict == Verdict.DEAD:
-            self.delivered += 1
+            self.dead += 1
             self.observer.dead(lane.name)
             log.warning(
                 "row dead-lettered",

@@ -254,7 +254,7 @@ class Relay:
         if problem is None:
             self.notifier.watchdog()
         paused = [name for name, state, _ in states if state != "serving"]
-        summary = f"delivered or dead-lettered {self.engine.delivered} rows"
+        summary = f"delivered or dead-lettered {self.engine.finished} rows"
         summary += f"; paused: {', '.join(paused)}" if paused else ""
         summary += f"; stalled: {problem}" if self._stalled_from is not None else ""
         self.notifier.status(summary)
@@ -382,7 +382,14 @@ class Relay:
         await self.engine.close()
         await self.store.close()
         self.notifier.close()
-        log.info("stopped", extra={"delivered_or_dead": self.engine.delivered})
+        log.info(
+            "stopped",
+            extra={
+                "delivered_or_dead": self.engine.finished,
+                "delivered": self.engine.delivered,
+                "dead": self.engine.dead,
+            },
+        )
 
 
 def cmd_run(args: object, settings: Settings) -> int:

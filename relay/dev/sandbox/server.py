@@ -59,6 +59,7 @@ from relay.dev.sandbox.faults import (
 )
 from relay.errors import ConfigError
 
+# The codes the API accepts; the schema seeds the same list (a test keeps both equal).
 ERROR_CODES = frozenset(
     {
         "INVALID_INPUT", "DATA_NOT_FOUND", "UNEXPECTED", "UNAVAILABLE", "TOO_MANY_REQUEST",
