@@ -8,7 +8,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
 
 from relay.cli import main as cli
 
@@ -195,32 +194,3 @@ class _Rollback(Exception):
     pass
 
 
-def test_the_python_example_writes_both_or_neither(database_url: str) -> None:
-    (block,) = fenced("python")
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("create table orders (id integer primary key, state text not null)")
-        conn.execute("insert into orders values (42, 'new')")
-    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    try:
-        exec(compile(block, "README.md", "exec"), {"engine": engine})  # noqa: S102 (our own README)
-        with psycopg.connect(database_url) as conn:
-            assert conn.execute("select state from orders where id = 42").fetchone() == ("refused",)
-            row = conn.execute(
-                "select status, errors from outbox.action_status_updates where action_id = 'accept-action-125'"
-            ).fetchone()
-        assert row is not None and row[0] == "FAILED" and row[1][0]["code"] == "ORDER_IN_WRONG_STATE"
-        # Run again with a different outcome for the same action: refused, and the order untouched.
-        changed = (
-            block.replace("'refused'", "'shipped'")
-            .replace('"FAILED"', '"SUCCESS"')
-            .replace("json.dumps(errors)", '"[]"')
-        )
-        assert changed != block
-        from sqlalchemy.exc import IntegrityError
-
-        with pytest.raises(IntegrityError, match="already has a different outcome"):
-            exec(compile(changed, "README.md", "exec"), {"engine": engine})  # noqa: S102
-        with psycopg.connect(database_url) as conn:
-            assert conn.execute("select state from orders where id = 42").fetchone() == ("refused",)
-    finally:
-        engine.dispose()

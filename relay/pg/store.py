@@ -29,7 +29,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError, WriteRefused
+from relay.errors import DatabaseError, InvalidUpdate, SchemaError, WriteRefused
+from relay.pg.refusals import refusal
 from relay.service.logs import redact
 from relay.settings import Secret, database_params
 
@@ -173,17 +174,10 @@ def _translate(exc: BaseException, secrets: tuple[str, ...] = ()) -> Exception:
 
 def _translate_raw(exc: BaseException) -> Exception:
     """Our error for a database exception: a refused row, a conflict, or a database failure."""
+    refused = refusal(exc)
+    if refused is not None:
+        return refused
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    if isinstance(orig, psycopg.errors.UniqueViolation):
-        return ConflictingUpdate(orig.diag.message_primary or str(orig), orig.diag.constraint_name)
-    if isinstance(
-        orig,
-        psycopg.errors.CheckViolation
-        | psycopg.errors.NotNullViolation
-        | psycopg.errors.InvalidTextRepresentation
-        | psycopg.errors.RaiseException,
-    ):
-        return InvalidUpdate(orig.diag.message_primary or str(orig), orig.diag.constraint_name)
     if isinstance(orig, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName) or (
         isinstance(orig, psycopg.errors.UndefinedFunction) and "outbox." in str(orig)
     ):
