@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], within: float, what: str, interval: float = 0.05
+) -> float:
+    """In a coroutine: poll ``predicate`` (plain or async) until it holds; return the seconds it
+    took. Fails the test, naming ``what``, when it still does not hold after ``within`` seconds."""
+    start = time.monotonic()
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 def start_relay_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     with log_path.open("ab") as log:  # the child keeps its own descriptor
@@ -102,8 +121,6 @@ def expected_bodies(updates: Iterable[tuple[str, str, list[dict[str, str]]]]) ->
 
 def create_migrated_database(admin_url: str, name: str, url: str) -> None:
     """Create database ``name`` (through ``admin_url``) and apply the migrations to it (``url``)."""
-    import asyncio
-
     from relay.pg.migrations import migrate
     from relay.pg.store import Store
     from relay.settings import Secret

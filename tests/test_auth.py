@@ -16,6 +16,7 @@ import pytest
 from relay.connect.auth import NoToken, OAuthToken, StaticToken, token_source
 from relay.errors import AuthError
 from relay.settings import OAuthSettings, Secret, TargetSettings
+from tests.relaykit import until
 
 TOKEN_URL = "https://auth.example.test/oauth/token"
 CLIENT_ID = "connector-42"
@@ -273,9 +274,10 @@ async def test_a_thousand_concurrent_callers_cause_one_post() -> None:
     source, http, _ = make_source(server)
     async with http:
         tasks = [asyncio.create_task(source.token()) for _ in range(1000)]
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert server.issued == 1  # the first caller is waiting on the endpoint
+        # The first caller is waiting on the endpoint; the others have all run meanwhile.
+        await until(lambda: server.issued >= 1, 10, "the first token request", interval=0)
+        await asyncio.sleep(0)
+        assert server.issued == 1
         server.gate.set()
         results = await asyncio.gather(*tasks)
     assert set(results) == {"tok-1"}
@@ -290,8 +292,10 @@ async def test_renew_is_single_flight() -> None:
         assert first == "tok-1"
         server.gate = asyncio.Event()
         tasks = [asyncio.create_task(source.renew(first)) for _ in range(200)]
-        for _ in range(5):
-            await asyncio.sleep(0)
+        # The renewal is held at the endpoint while the other callers wait behind it.
+        await until(lambda: server.issued >= 2, 10, "the renewal's token request", interval=0)
+        await asyncio.sleep(0)
+        assert server.issued == 2
         server.gate.set()
         results = await asyncio.gather(*tasks)
         assert set(results) == {"tok-2"}
@@ -351,8 +355,10 @@ async def test_concurrent_callers_after_a_failure_do_not_hammer() -> None:
     source, http, _ = make_source(server)
     async with http:
         tasks = [asyncio.create_task(source.token()) for _ in range(100)]
-        for _ in range(5):
-            await asyncio.sleep(0)
+        # The failing request is held at the endpoint while the other callers wait behind it.
+        await until(lambda: server.issued >= 1, 10, "the first token request", interval=0)
+        await asyncio.sleep(0)
+        assert server.issued == 1
         server.gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, AuthError) for r in results)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import psycopg
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from relay.core.engine import Engine
 from relay.dev.sandbox.server import Faults, Sandbox, SandboxConfig
 from relay.pg.store import Store
-from relay.settings import BreakerSettings
 from tests.relaykit import expected_bodies, relay_settings, sample_updates, seed_rows, states
 
 
@@ -151,38 +149,3 @@ async def test_4xx_answers_dead_letter_at_once(database_url: str) -> None:
     assert rows["bad-1"][:3] == ("dead", 1, 400)
     assert "INVALID_INPUT" in rows["bad-1"][3]
 
-
-async def test_a_burst_of_429_lowers_the_rate_of_a_target_without_rate_limit(database_url: str) -> None:
-    faults = Faults(p429=0.5, retry_after=0)
-    with Sandbox(SandboxConfig(seed=9, faults=faults)) as sb:
-        seed_rows(database_url, sample_updates(400, seed=13))
-        settings = relay_settings(database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="40")
-        settings = replace(settings, breaker=BreakerSettings(failure_threshold=10_000))  # isolate the rate
-        store = Store(settings.require_database_url())
-        engine = Engine(settings, store)
-        lane = engine.lanes["default"]
-        assert lane.bucket is None  # no rate limit configured
-        seen: list[tuple[float, float]] = []
-        original = lane.throttle
-
-        def throttle() -> None:
-            original()
-            assert lane.bucket is not None
-            seen.append((lane.bucket.rate, lane.bucket.current_rate))
-
-        lane.throttle = throttle  # type: ignore[method-assign]
-        try:
-            for _ in range(200):
-                await engine.run_once()
-                if states(database_url) == {"delivered": 400}:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            await engine.close()
-            await store.close()
-    assert states(database_url) == {"delivered": 400}
-    assert max(sb.apply_count.values()) == 1
-    assert seen, "no 429 reached the engine"
-    start, lowered = seen[0]
-    assert lowered <= start / 2  # the first 429 halved the rate it was sending at
-    assert lane.adaptive or lane.bucket is None  # an adaptive bucket, dropped once recovered

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.core.engine import Observer
 from relay.pg.store import Store
 from relay.service.metrics import Metrics, MetricsServer
+from tests.relaykit import until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -130,9 +131,11 @@ async def test_stop_closes_idle_connections_and_the_port() -> None:
     server = MetricsServer(Metrics(), "127.0.0.1", 0, Health())
     await server.start()
     port = server.port
-    _, idle = await asyncio.open_connection("127.0.0.1", port)  # connects, sends nothing
-    await asyncio.sleep(0.05)
+    reader, idle = await asyncio.open_connection("127.0.0.1", port)  # connects, sends nothing
+    await until(lambda: server.open_connections == 1, 10, "the server to hold the idle connection")
     await asyncio.wait_for(server.stop(), 2.0)
+    assert server.open_connections == 0
+    assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed by the server, unanswered
     idle.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)

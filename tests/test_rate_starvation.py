@@ -94,35 +94,78 @@ async def test_a_stalling_event_loop_does_not_send_rows_back_after_they_took_the
 
 @pytest.mark.timeout(180)
 async def test_after_a_burst_of_429_a_target_without_a_limit_recovers_its_rate(database_url: str) -> None:
+    """A target without ``rate_limit`` that meets 429s gets an adaptive bucket starting at the
+    rate it was sending: the first 429 halves it, more 429s take it further down (never below a
+    sixteenth); once the API accepts again the rate climbs back and the bucket goes away.
+
+    (Merged with test_engine_e2e's ``test_a_burst_of_429_lowers_the_rate_of_a_target_without_rate_limit``,
+    whose closing ``assert lane.adaptive or lane.bucket is None`` could not fail.)"""
     with Sandbox(SandboxConfig(seed=4, faults=Faults(p429=1.0, retry_after=0))) as sb:
         settings = relay_settings(
             database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="1000", RELAY_RETRY_MAX_DELAY="0.2"
         )
         settings = replace(settings, breaker=BreakerSettings(failure_threshold=10_000))  # isolate the rate
         seed_rows(database_url, sample_updates(3, prefix="first"))
+        total = 3
         store = Store(settings.require_database_url())
         engine = Engine(settings, store)
         lane = engine.lanes["default"]
+        assert lane.bucket is None and not lane.adaptive  # no rate limit configured
+        # (rate, current rate) right after each 429; recorded, not asserted, inside the engine.
+        seen: list[tuple[float, float] | None] = []
+        throttle = lane.throttle
+
+        def recording_throttle() -> None:
+            throttle()
+            seen.append(None if lane.bucket is None else (lane.bucket.rate, lane.bucket.current_rate))
+
+        lane.throttle = recording_throttle  # type: ignore[method-assign]
+
+        def lowered() -> bool:
+            return lane.bucket is not None and lane.bucket.current_rate <= lane.bucket.rate / 4
+
         try:
-            # A few seconds of nothing but 429: the adaptive bucket halves, down to its floor.
+            # Nothing but 429: at most one halving a second (the bucket's cooldown), so a
+            # quarter takes two seconds or more of them.
             started = time.monotonic()
-            while time.monotonic() - started < 6:
+            while not lowered():
+                assert time.monotonic() - started < 60, f"the rate never fell to a quarter: {lane.bucket}"
                 await engine.run_once()
                 await asyncio.sleep(0.05)
             assert lane.bucket is not None and lane.adaptive
-            assert lane.bucket.current_rate <= lane.bucket.rate / 4, lane.bucket
-            # The API is fine again, and 300 more rows arrive.
+            start_rate = lane.bucket.rate
+            floor_seen = lane.bucket.current_rate
+            # The API is fine again: rows keep coming (a batch whenever all are delivered) until
+            # the rate has climbed back and the adaptive bucket is gone, then the rest drains.
             sb.set_faults(Faults())
-            seed_rows(database_url, sample_updates(300, prefix="after"))
+            lane.throttle = throttle  # type: ignore[method-assign]
             started = time.monotonic()
-            while await _delivered(database_url) < 303:
-                assert time.monotonic() - started < 90, "the relay never recovered its rate"
+            batch = 0
+            while lane.bucket is not None:
+                assert time.monotonic() - started < 90, f"the relay never recovered its rate: {lane.bucket}"
+                if await _delivered(database_url) == total:
+                    await asyncio.to_thread(
+                        seed_rows, database_url, sample_updates(100, seed=batch, prefix=f"after{batch}")
+                    )
+                    total, batch = total + 100, batch + 1
                 await engine.run_once()
                 await asyncio.sleep(0.02)
-            took = time.monotonic() - started
+            recovered_in = time.monotonic() - started
+            while await _delivered(database_url) < total:
+                assert time.monotonic() - started < 120, "the rows sent after the recovery never drained"
+                await engine.run_once()
         finally:
             await engine.close()
             await store.close()
-    assert max(sb.apply_count.values()) == 1
+    assert seen and all(s is not None for s in seen), seen
+    first_rate, first_current = seen[0]  # type: ignore[misc]
+    assert first_current <= first_rate / 2  # the first 429 halved the rate it was sending at
+    assert min(current for _, current in seen) >= first_rate / 16 - 1e-9  # type: ignore[misc]
     assert lane.bucket is None and not lane.adaptive  # the adaptive limit went away once recovered
-    print(f"\n[429] recovered from the floor and drained 300 rows in {took:.1f}s")
+    assert await asyncio.to_thread(states, database_url) == {"delivered": total}
+    assert max(sb.apply_count.values()) == 1 and sb.status_counts[204] == total
+    assert sb.status_counts[429] == len(seen)
+    print(
+        f"\n[429] {len(seen)} answers 429 took {start_rate:.1f}/s down to {floor_seen:.2f}/s; once the "
+        f"API accepted again the adaptive limit went away after {recovered_in:.1f}s ({total} rows delivered)"
+    )
