@@ -382,7 +382,7 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
         assert len(alerts) == 3
         assert extra(alerts[-1], "reason", "paused_for") == (
             "HTTP 401 from the API: credentials refused",
-            "5m1s",
+            "5m01s",
         )
     finally:
         await closed(relay)

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from relay.errors import ConflictingUpdate, DatabaseError, InvalidUpdate, SchemaError, WriteRefused
-from relay.service.logs import redact
+from relay.redact import redact
 from relay.settings import Secret, database_params
 
 NOTIFY_CHANNEL = "outbox_action_status"
