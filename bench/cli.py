@@ -332,6 +332,12 @@ def markdown(report: dict[str, Any]) -> str:
             for label, by_tree in report["cli"]["commands"].items()
         ],
     )
+    lines += [
+        "",
+        "The floor rows run nothing: they import what any command that opens the database (the store: "
+        "SQLAlchemy's asyncio extension, which loads `sqlalchemy.orm`, and psycopg) and the daemon "
+        "must import.",
+    ]
     daemon = report.get("daemon")
     if daemon:
         last = daemon[trees[-1]["name"]]
