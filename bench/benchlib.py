@@ -382,10 +382,13 @@ def migrate(url: str) -> None:
 
 # -- the relay -------------------------------------------------------------------------------
 class Relay:
-    """``python -m relay run`` as a child process, with readings from /proc."""
+    """``python -m relay run`` (or ``command``) as a child process, with readings from /proc."""
 
-    def __init__(self, database_url: str, api_url: str, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self, database_url: str, api_url: str, log_dir: Path, *, command: list[str] | None = None, **env: str
+    ) -> None:
         self.database_url = database_url
+        self.command = command or [PYTHON, "-m", "relay", "run"]
         self.env = child_env(
             RELAY_DATABASE_URL=database_url,
             RELAY_API_BASE_URL=api_url,
@@ -406,7 +409,7 @@ class Relay:
         import psycopg
 
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "relay", "run"], cwd=REPO, env=self.env,
+            self.command, cwd=REPO, env=self.env,
             stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -602,3 +605,31 @@ def wait_quiet(max_wait: float, threshold: float = 0.3, own: Any = None) -> floa
                 f"(they use {others:.2f} cores)"
             )
             noted = True
+
+
+# -- markdown --------------------------------------------------------------------------------
+CLI_SECTION = "## CLI start-up and daemon memory"  # written by bench/cli.py, kept by bench/run.py
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def md_section(text: str, heading: str) -> str | None:
+    """The section of ``text`` that starts with the line ``heading...``, up to the next ``## ``."""
+    match = re.search(rf"^{re.escape(heading)}.*?(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    return match.group(0) if match else None
+
+
+def put_md_section(text: str, heading: str, section: str) -> str:
+    """``text`` with its ``heading`` section replaced by ``section``, or ``section`` appended."""
+    section = section.rstrip("\n") + "\n"
+    old = md_section(text, heading)
+    if old is None:
+        return text.rstrip("\n") + "\n\n" + section if text.strip() else section
+    start = text.index(old)
+    rest = text[start + len(old) :]
+    return text[:start] + section + ("\n" + rest if rest else "")

@@ -841,11 +841,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
-def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    """A markdown table."""
-    out = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
+table = bl.md_table
 
 
 def _load(figures: dict[str, Any]) -> str:
@@ -1164,6 +1160,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = markdown(report)
+    with contextlib.suppress(OSError):  # bench/cli.py's section stays until bench/cli.py replaces it
+        kept = bl.md_section((out / "latest.md").read_text(), bl.CLI_SECTION)
+        if kept:
+            text = bl.put_md_section(text, bl.CLI_SECTION, kept)
     (out / "latest.md").write_text(text)
     print()
     print(text)

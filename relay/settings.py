@@ -18,13 +18,11 @@ friends), checked like a base URL; it may carry a user and password, so it is a 
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
 import socket
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +154,8 @@ def boolean(value: object, name: str, from_env: bool = False) -> bool:
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -398,6 +398,8 @@ def _credential(env: Mapping[str, str], name: str) -> Secret | None:
 
 
 def _load_toml(path: str) -> dict[str, Any]:
+    import tomllib  # only with a configuration file: not on every command's start-up
+
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)

@@ -76,8 +76,8 @@ def received(sock: socket.socket) -> list[str]:
 
 
 async def closed(relay: Relay) -> None:
-    await relay.core.engine.close()
-    await relay.pg.store.close()
+    await relay.engine.close()
+    await relay.store.close()
     relay.notifier.close()
 
 
@@ -117,13 +117,13 @@ async def test_a_drain_without_progress_fails_health_and_starves_the_watchdog(
     relay = Relay(
         relay_settings(database_url, NO_API, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000"), monotonic=clock
     )
-    server = MetricsServer(relay.service.metrics, "127.0.0.1", 0, relay.health)
+    server = MetricsServer(relay.metrics, "127.0.0.1", 0, relay.health)
     await server.start()
     caplog.set_level(logging.INFO, logger="relay.daemon")
     try:
         bound = stall_after(relay.settings)
         assert bound == 38.0  # RELAY_LEASE=8 (tests.relaykit) + 30
-        relay.core.engine.running = True  # a drain is running; its last progress was at start-up
+        relay.engine.running = True  # a drain is running; its last progress was at start-up
         clock.seconds = bound - 5
         assert await relay.health() == (True, "ok")
         await relay.heartbeat()
@@ -156,7 +156,7 @@ async def test_a_drain_without_progress_fails_health_and_starves_the_watchdog(
         assert len(resumed) == 1 and resumed[0].levelno == logging.INFO
         assert len(messages(caplog, "drain stalled")) == 1
     finally:
-        relay.core.engine.running = False
+        relay.engine.running = False
         await server.stop()
         await closed(relay)
 
@@ -170,17 +170,17 @@ async def test_after_a_long_idle_time_the_clock_starts_with_the_drain(
     relay = Relay(relay_settings(database_url, NO_API), monotonic=clock)
     caplog.set_level(logging.INFO, logger="relay.daemon")
     answer = asyncio.Event()
-    claim = relay.pg.store.claim
+    claim = relay.store.claim
 
     async def slow_claim(*args: object, **kwargs: object) -> object:
         await answer.wait()
         return await claim(*args, **kwargs)  # type: ignore[arg-type]
 
-    relay.pg.store.claim = slow_claim  # type: ignore[method-assign]
+    relay.store.claim = slow_claim  # type: ignore[method-assign]
     try:
         clock.seconds = 3600  # the last progress was an hour ago
         drain = asyncio.create_task(relay._drain())  # the drain job, as the scheduler runs it
-        await wait_for(lambda: relay.core.engine.running, 10, "the drain to start")
+        await wait_for(lambda: relay.engine.running, 10, "the drain to start")
         assert await relay.health() == (True, "ok")
         bound = stall_after(relay.settings)
         clock.seconds += bound + 1  # the claim has now taken longer than the bound
@@ -188,7 +188,7 @@ async def test_after_a_long_idle_time_the_clock_starts_with_the_drain(
         assert not healthy and reason.startswith(f"no progress for {bound + 1:.0f}s"), reason
         answer.set()
         await asyncio.wait_for(drain, 10)
-        assert not relay.core.engine.running and relay.last_drain_at is not None
+        assert not relay.engine.running and relay.last_drain_at is not None
         assert await relay.health() == (True, "ok")
         assert [r.levelno for r in messages(caplog, "drain")] == [logging.ERROR, logging.INFO]
     finally:
@@ -278,7 +278,7 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
             "select 1 from outbox.action_status_updates where action_id = 'stuck-1' for update"
         )
         held_api.answer.set()
-        assert relay.core.engine.running
+        assert relay.engine.running
         assert await relay.health() == (True, "ok")
 
         deadline = time.monotonic() + 30
@@ -286,7 +286,7 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
             assert time.monotonic() < deadline, "still healthy after 30 s"
             await asyncio.sleep(0.1)
         assert re.fullmatch(r"no progress for \d+s while a drain is running \(bound 7s\)", answer[1])
-        assert relay.core.engine.running and relay.last_drain_at is None
+        assert relay.engine.running and relay.last_drain_at is None
 
         # From the first status line that names the stall on, the watchdog is no longer fed.
         heard: list[str] = []
@@ -303,7 +303,7 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
         await wait_for(lambda: hear(lambda: sum(m.startswith("STATUS=") for m in after_stall()) >= 4), 10,
                        "three more heartbeats")  # fmt: skip
         assert "WATCHDOG=1" not in after_stall(), heard
-        assert relay.core.engine.running and relay.last_drain_at is None
+        assert relay.engine.running and relay.last_drain_at is None
 
         await locker.rollback()  # the write goes through
         await wait_for(lambda: relay.last_drain_at is not None, 30, "the stuck drain to finish")
@@ -325,7 +325,7 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
 
 # -- pauses that last ------------------------------------------------------------------------
 def paused_gauge(relay: Relay, target: str) -> float:
-    for family in text_string_to_metric_families(relay.service.metrics.exposition().decode()):
+    for family in text_string_to_metric_families(relay.metrics.exposition().decode()):
         for s in family.samples:
             if s.name == "outbox_relay_target_paused_seconds" and s.labels == {"target": target}:
                 return float(s.value)
@@ -336,7 +336,7 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     relay = Relay(relay_settings(database_url, NO_API))
-    lane = relay.core.engine.lanes["default"]
+    lane = relay.engine.lanes["default"]
     caplog.set_level(logging.INFO, logger="relay.daemon")
     try:
         await relay.heartbeat()
@@ -365,7 +365,7 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
         alerts = messages(caplog, "target still paused")
         assert [extra(a, "paused_for") for a in alerts] == [("6m40s",), ("16m40s",)]
 
-        status = await collect_status(relay.pg.store)  # the heartbeat wrote the state
+        status = await collect_status(relay.store)  # the heartbeat wrote the state
         assert [(t["target"], t["paused"], t["pause_reason"]) for t in status["targets"]] == [
             ("default", True, "HTTP 403 from the API: forbidden")]  # fmt: skip
 
@@ -382,7 +382,7 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
         assert len(alerts) == 3
         assert extra(alerts[-1], "reason", "paused_for") == (
             "HTTP 401 from the API: credentials refused",
-            "5m1s",
+            "5m01s",
         )
     finally:
         await closed(relay)

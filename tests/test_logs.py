@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.service.logs import configure_logging, redact, redact_url
+from relay.redact import redact, redact_url
+from relay.service.logs import configure_logging
 from relay.settings import Secret
 
 TEXT_LINE = re.compile(

@@ -42,8 +42,8 @@ async def ok() -> tuple[bool, str]:
 
 
 async def shut(relay: Relay) -> None:
-    await relay.core.engine.close()
-    await relay.pg.store.close()
+    await relay.engine.close()
+    await relay.store.close()
     relay.notifier.close()
 
 
@@ -102,7 +102,7 @@ async def test_made_up_targets_share_one_unconfigured_series(
     relay = Relay(settings)
     try:
         await relay.heartbeat()
-        server = MetricsServer(relay.service.metrics, "127.0.0.1", 0, ok)
+        server = MetricsServer(relay.metrics, "127.0.0.1", 0, ok)
         server_for.append(server)
         await server.start()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
@@ -110,7 +110,7 @@ async def test_made_up_targets_share_one_unconfigured_series(
         row = db.execute(expected_sql, (sorted(configured),)).fetchone()
         assert row is not None
         oldest_after = float(row[1])
-        status = await collect_status(relay.pg.store)
+        status = await collect_status(relay.store)
     finally:
         await shut(relay)
     assert answer.status_code == 200
@@ -331,7 +331,7 @@ async def test_healthz_says_database_unreachable_without_host_port_or_user(
     relay.last_drain_at = datetime.now(UTC)
     caplog.set_level(logging.INFO, logger="relay.daemon")
     try:
-        server = MetricsServer(relay.service.metrics, "127.0.0.1", 0, relay.health)
+        server = MetricsServer(relay.metrics, "127.0.0.1", 0, relay.health)
         server_for.append(server)
         await server.start()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
@@ -352,10 +352,10 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
 ) -> None:
     relay = Relay(relay_settings(database_url, NO_API))
     relay.last_drain_at = datetime.now(UTC)
-    pool = relay.pg.store.engine.sync_engine.pool
+    pool = relay.store.engine.sync_engine.pool
     size = pool.size()  # type: ignore[attr-defined]
     assert size >= 1
-    server = MetricsServer(relay.service.metrics, "127.0.0.1", 0, relay.health)
+    server = MetricsServer(relay.metrics, "127.0.0.1", 0, relay.health)
     server_for.append(server)
     await server.start()
 
@@ -381,10 +381,10 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
     try:
         async with AsyncExitStack() as held:
             for _ in range(size):  # every connection of the delivery pool, taken
-                await held.enter_async_context(relay.pg.store.engine.connect())
+                await held.enter_async_context(relay.store.engine.connect())
             assert pool.checkedout() == size  # type: ignore[attr-defined]
             with pytest.raises(TimeoutError):  # delivery itself would have to wait now
-                await asyncio.wait_for(relay.pg.store.ping(), 1.0)
+                await asyncio.wait_for(relay.store.ping(), 1.0)
             seen = await hammer(60)
             assert len(seen) > 1 and set(seen) == {size}
         seen = await hammer(60)

@@ -21,10 +21,12 @@ import psycopg
 import pytest
 
 from relay.cli import report
-from relay.cli.ops import _scrub, collect_status, render_status, retry_dead
+from relay.cli.ops import collect_status, render_status, retry_dead
 from relay.core.retention import purge
+from relay.durations import human_duration
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store
+from relay.redact import scrub_secrets
 from relay.settings import load_settings
 from tests.relaykit import cli
 
@@ -176,7 +178,7 @@ def test_status_human_view(database_url: str, seeded: dict[tuple[str, str], int]
     assert default[end - 1] == "2" and eu[end - 1] == "0"
     assert re.search(r"^paused: default for 7m(\d\ds)?: HTTP 401 from the API: credentials refused$", out, re.MULTILINE)
     assert "unserved: eu has 1 row(s) waiting but no live relay serves it" in out
-    assert re.search(r"^relay-a\s+default\s+\d+m?s ago$", out, re.MULTILINE)
+    assert re.search(r"^relay-a\s+default\s+[\d.]+m?s ago$", out, re.MULTILINE)
     assert "relay-old" not in out
 
 
@@ -648,7 +650,7 @@ def test_error_details_never_carry_a_secret() -> None:
         {"RELAY_DATABASE_URL": "postgresql://u:pw-secret@db.example/app?password=qp-secret",
          "RELAY_API_TOKEN": "tok-secret"},
     )  # fmt: skip
-    said = _scrub("failed for pw-secret, qp-secret and tok-secret", settings)
+    said = scrub_secrets("failed for pw-secret, qp-secret and tok-secret", settings)
     assert said == "failed for ***, *** and ***"
 
 
@@ -666,6 +668,7 @@ def test_clean_keeps_terminals_safe() -> None:
     assert report.clean("x\x1b[2Jy\u202ez") == "x\\x1b[2Jy\\u202ez"
     assert report.clean("abcdef", 4) == "abc" + report.ELLIPSIS
     assert report.clean(None) == "-"
-    assert [report.age(s) for s in (None, 0.25, 42.9, 185, 3725, 7200, 30 * 86400, 86400 + 3600)] == [
-        "-", "250ms", "42s", "3m05s", "1h02m", "2h", "30d", "1d01h"]  # fmt: skip
-    assert [report.age(s, subsecond=False) for s in (0.4, 432.9)] == ["0s", "7m12s"]
+    spans = (None, 0.25, 4.5, 42.9, 185, 3725, 7200, 30 * 86400, 86400 + 3600)
+    assert [human_duration(s) for s in spans] == [
+        "-", "250ms", "4.5s", "43s", "3m05s", "1h02m", "2h", "30d", "1d01h"
+    ]

@@ -101,7 +101,6 @@ def test_every_environment_variable_and_config_key_is_documented() -> None:
 
 
 def test_every_command_is_documented() -> None:
-    cli._register_optional()
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert commands is not None and {"migrate", "run", "demo", "status"} <= set(commands)

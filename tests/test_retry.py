@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from relay.core.retry import backoff_delay, give_up_reason, human_duration, parse_retry_after, retry_delay
+from relay.core.retry import backoff_delay, give_up_reason, parse_retry_after, retry_delay
+from relay.durations import human_duration
 from relay.settings import RetrySettings
 
 POLICY = RetrySettings(base_delay=2.0, max_delay=60.0, max_attempts=5, max_age=3600.0)
@@ -218,7 +219,10 @@ def test_give_up_reason_accepts_naive_created_at_as_utc() -> None:
         (-1.0, "0s"),
         (float("nan"), "0s"),
         (math.inf, "forever"),
-        (0.25, "0.25s"),
+        (None, "-"),
+        (0.0004, "0ms"),
+        (0.25, "250ms"),
+        (0.9996, "1s"),
         (1.0, "1s"),
         (4.0, "4s"),
         (3.2719, "3.27s"),
@@ -228,9 +232,12 @@ def test_give_up_reason_accepts_naive_created_at_as_utc() -> None:
         (600.0, "10m"),
         (3600.0, "1h"),
         (12 * 3600.0, "12h"),
-        (86400.0 + 3600.0 + 1.0, "1d1h1s"),
+        (9.996, "10s"),
+        (185.0, "3m05s"),
+        (3725.0, "1h02m"),
+        (86400.0 + 3600.0 + 1.0, "1d01h"),
         (7 * 86400.0, "7d"),
     ],
 )
-def test_human_duration(seconds: float, expected: str) -> None:
+def test_human_duration(seconds: float | None, expected: str) -> None:
     assert human_duration(seconds) == expected

@@ -2,22 +2,42 @@
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. Errors are one
 line on stderr, never a traceback.
+
+Parsing needs argparse and :mod:`relay.settings` only. A command's code, and the libraries it
+uses (SQLAlchemy and psycopg, httpx, APScheduler, prometheus_client), are imported when that
+command runs, so ``--help`` and usage errors answer at once and each command loads only what it
+uses (tests/test_cli_startup.py checks it).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from relay import __version__
+from relay.cli import commands
+from relay.cli.commands import Handler, lazy
 from relay.errors import ConfigError, RelayError
 from relay.settings import DEFAULT_TARGET, Settings, load_settings
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+# Commands whose module is imported only when they are used, options and all: (name, module,
+# the one-line help `outbox-relay --help` shows). The module's ``register(command)`` adds the
+# command's options when it runs; its help text must be this one (tests/test_cli_startup.py).
+LAZY_COMMANDS = (
+    (
+        "sandbox",
+        "relay.dev.sandbox.command",
+        "a local stand-in for the Mirakl Connect API, with fault injection",
+    ),
+    (
+        "demo",
+        "relay.dev.demo.command",
+        "see it work end to end: a throwaway PostgreSQL, the sandbox and the relay",
+    ),
+)
 
 DESCRIPTION = """\
 Deliver Mirakl Connect action outcomes from a PostgreSQL outbox, exactly once.
@@ -39,11 +59,44 @@ configuration: --config FILE (or RELAY_CONFIG), then RELAY_* variables, e.g.
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit code 2."""
+    """argparse, but a usage error is one line and exit code 2.
+
+    A command's parser made with ``module=`` is filled in (description, options, handler) by
+    that module's ``register`` the first time it parses or shows its help.
+    """
+
+    def __init__(self, *args: Any, module: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module = module
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"outbox-relay: {message} (see --help)\n")
         raise SystemExit(2)
+
+    def _load(self) -> None:
+        if self._module is None:
+            return
+        module, self._module = self._module, None
+        name = self.prog.rpartition(" ")[2]
+
+        def command(command_name: str, handler: Handler, help_text: str, description: str = "") -> _Parser:
+            if command_name != name:  # another command of the same module
+                return _Parser(prog=f"outbox-relay {command_name}")
+            self.description = description or help_text
+            self.set_defaults(handler=handler)
+            return self
+
+        importlib.import_module(module).register(command)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
 
 
 def _error_arg(value: str) -> dict[str, str]:
@@ -53,67 +106,47 @@ def _error_arg(value: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
-
-
 # -- commands that live here ---------------------------------------------------------------
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from relay.cli.database import run_with_store
     from relay.pg.migrations import migrate
-    from relay.pg.store import Store
 
-    async def go() -> int:
-        store = Store(settings.require_database_url(), pool_size=1)
-        try:
-            report = await migrate(store, dry_run=args.dry_run)
-        finally:
-            await store.close()
-        if args.dry_run:
-            if report.pending:
-                for m in report.pending:
-                    print(f"would apply {m.path.name}")
-            else:
-                print(f"schema is up to date (version {report.version}); nothing to apply")
-            return 0
-        for m in report.applied:
-            print(f"applied {m.path.name}")
-        if not report.applied:
-            print(f"schema is up to date (version {report.version}); nothing to apply")
+    report = run_with_store(
+        settings, lambda store: migrate(store, dry_run=args.dry_run), application_name="outbox-relay"
+    )
+    if args.dry_run:
+        if report.pending:
+            for m in report.pending:
+                print(f"would apply {m.path.name}")
         else:
-            print(f"schema is at version {report.version}")
+            print(f"schema is up to date (version {report.version}); nothing to apply")
         return 0
-
-    return asyncio.run(go())
+    for m in report.applied:
+        print(f"applied {m.path.name}")
+    if not report.applied:
+        print(f"schema is up to date (version {report.version}); nothing to apply")
+    else:
+        print(f"schema is at version {report.version}")
+    return 0
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from relay.pg.store import Store
+    import json
+
+    from relay.cli.database import run_with_store
 
     errors = args.error or []
-
-    async def go() -> int:
-        store = Store(settings.require_database_url(), pool_size=1)
-        try:
-            row_id = await store.enqueue(args.action_id, args.status, errors, args.target)
-        finally:
-            await store.close()
-        if args.json:
-            _print_json({"id": row_id, "action_id": args.action_id, "target": args.target})
-        else:
-            print(f"enqueued {args.action_id} ({args.status}) for target {args.target} as row {row_id}")
-        return 0
-
-    return asyncio.run(go())
-
-
-def _lazy(module: str, name: str) -> Handler:
-    def handler(args: argparse.Namespace, settings: Settings) -> int:
-        import importlib
-
-        function: Handler = getattr(importlib.import_module(module), name)
-        return function(args, settings)
-
-    return handler
+    row_id = run_with_store(
+        settings,
+        lambda store: store.enqueue(args.action_id, args.status, errors, args.target),
+        application_name="outbox-relay",
+    )
+    if args.json:
+        document = {"id": row_id, "action_id": args.action_id, "target": args.target}
+        print(json.dumps(document, indent=2, default=str, ensure_ascii=False))
+    else:
+        print(f"enqueued {args.action_id} ({args.status}) for target {args.target} as row {row_id}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,34 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the new row as JSON")
 
     command(
-        "run", _lazy("relay.service.daemon", "cmd_run"), "run the relay daemon",
+        "run", lazy("relay.service.daemon", "cmd_run"), "run the relay daemon",
         "Claim pending updates, PUT them to the API, record every attempt. Stops cleanly on\n"
         "SIGTERM/SIGINT: in-flight requests finish within shutdown_timeout, the rest is released.",
     )  # fmt: skip
-    for extra in _EXTRA_COMMANDS:
-        extra(command)
+    commands.register(command)
+    for name, module, help_text in LAZY_COMMANDS:
+        sub.add_parser(
+            name, help=help_text, module=module, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
     return parser
 
 
-# Other modules register their commands here: each is called with the `command` factory.
-_EXTRA_COMMANDS: list[Callable[[Callable[..., _Parser]], None]] = []
-
-
-def _register_optional() -> None:
-    for module in ("relay.cli.ops", "relay.dev.sandbox.command", "relay.dev.demo.command"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        register = getattr(mod, "register", None)
-        if register is not None and register not in _EXTRA_COMMANDS:
-            _EXTRA_COMMANDS.append(register)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _register_optional()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

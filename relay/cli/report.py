@@ -1,4 +1,6 @@
-"""Formatting for the operator commands: aligned tables, ages, safe one-line text, JSON values.
+"""Formatting for the operator commands: aligned tables, safe one-line text, JSON values.
+
+Durations are :func:`relay.durations.human_duration`, as everywhere else.
 
 Everything shown to a terminal goes through :func:`clean`, because action ids, error messages
 and response bodies come from applications and from the API: a control character or a bidi
@@ -36,21 +38,6 @@ def clean(value: object, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[: max(limit - 1, 0)] + ELLIPSIS
     return text or "-"
-
-
-def age(seconds: float | None, *, subsecond: bool = True) -> str:
-    """A short duration: ``850ms``, ``42s``, ``3m05s``, ``2h07m``, ``30d``; ``-`` for none.
-    With ``subsecond=False`` less than a second is ``0s`` (for spans counted in seconds)."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{max(seconds, 0) * 1000:.0f}ms" if subsecond else "0s"
-    s = int(seconds)
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            rest = s % size // sub_size
-            return f"{s // size}{unit}" + (f"{rest:02d}{sub}" if rest else "")
-    return f"{s}s"
 
 
 def when(value: datetime | None) -> str:

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from relay.durations import human_duration
 from relay.settings import RetrySettings
 
+# human_duration lives in relay.durations; relay.core.classify calls it as retry.human_duration.
 __all__ = ["backoff_delay", "give_up_reason", "human_duration", "parse_retry_after", "retry_delay"]
 
 # Past this exponent 2**n times any sane base delay is far above any sane max delay; clamping it
@@ -84,23 +86,6 @@ def give_up_reason(attempts: int, created_at: datetime, now: datetime, policy: R
     if (_aware(now) - _aware(created_at)).total_seconds() >= policy.max_age:
         return f"gave up: older than {human_duration(policy.max_age)} (retry.max_age)"
     return None
-
-
-def human_duration(seconds: float) -> str:
-    """A short duration for people: ``"0.25s"``, ``"4s"``, ``"1m30s"``, ``"12h"``, ``"2d1h"``."""
-    if math.isnan(seconds) or seconds <= 0:
-        return "0s"
-    if math.isinf(seconds):
-        return "forever"
-    if seconds < 10:
-        return f"{seconds:.3g}s"
-    rest = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, rest = divmod(rest, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from relay.errors import DatabaseError, InvalidUpdate, SchemaError, WriteRefused
 from relay.pg.refusals import refusal
-from relay.service.logs import redact
+from relay.redact import redact
 from relay.settings import Secret, database_params
 
 NOTIFY_CHANNEL = "outbox_action_status"

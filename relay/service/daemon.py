@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relay.core.engine import Engine, Observer
-from relay.core.retry import human_duration
+from relay.durations import human_duration
 from relay.errors import DatabaseError, RelayError, SchemaError
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store

@@ -11,9 +11,10 @@ renders, in ``text``, as::
 and, in ``json``, as ``{"ts": ..., "level": ..., "logger": ..., "msg": ..., "action_id": ...}``.
 
 A redaction filter on the handler is a safety net, not the primary defence (secrets are held in
-:class:`relay.settings.Secret` and never formatted): it masks ``Bearer`` tokens,
-``client_secret=``/``password=``-style assignments and the password part of URLs in the final
-message, in string ``extra`` values and in exception text.
+:class:`relay.settings.Secret` and never formatted): it runs :func:`relay.redact.redact` (``Bearer``
+tokens, ``client_secret=``/``password=``-style assignments, the password part of URLs) over the
+final message, string ``extra`` values and exception text, and masks whole ``extra`` values whose
+name says they hold a secret.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "configure_logging", "redact", "redact_url"]
+from relay.redact import MASK, redact
 
-MASK = "***"
+__all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "configure_logging"]
 
 # Third-party loggers that are chatty at INFO. apscheduler logs every job run, so it stays at
 # WARNING even when the relay itself runs at DEBUG.
@@ -43,44 +43,6 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x",
 }
 # Extra fields whose name says they hold a secret (``token``, ``api_token``, ``client_secret``...).
 _SENSITIVE_KEY = re.compile(r"(?i)(?:^|_)(?:secret|password|passwd|token|authorization)$")
-
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
-_ASSIGNMENT = re.compile(
-    r"""(?ix)
-    \b(client_secret|access_token|refresh_token|id_token|api_token|token|password|passwd|pwd)
-    (["']?\s*[=:]\s*["']?)          # = or : (JSON), with optional quotes
-    ([^\s&"',;}]+)
-    """
-)
-# scheme://user:password@  (user may be empty; password stops at '@', whitespace or '/').
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)")
-
-
-def redact(text: str) -> str:
-    """Mask bearer tokens, secret assignments and URL passwords anywhere in ``text``."""
-    if not text:
-        return text
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
-    return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (and any ``password=``-style query value) hidden.
-
-    ``postgresql://user:secret@db/app`` becomes ``postgresql://user:***@db/app``; a URL without a
-    password is returned unchanged.
-    """
-    try:
-        parts = urlsplit(url)
-        has_password = parts.password is not None
-    except ValueError:
-        return redact(url)
-    if has_password:
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        url = urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{hostport}"))
-    return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", url)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

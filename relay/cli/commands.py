@@ -1,0 +1,175 @@
+"""The operator commands' options and help: ``status``, ``audit``, ``dead list|retry``, ``purge``, ``check``.
+
+Only argparse and :mod:`relay.settings` here. What the commands do is in :mod:`relay.cli.ops`,
+imported when one of them runs (:func:`lazy`): listing or mistyping a command never loads the
+database driver or the HTTP client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+from relay.errors import ConfigError
+from relay.settings import DAY, PURGE_MIN_AGE, Settings, duration_in, parse_duration, whole_in
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+RETRY_BATCH = 500  # dead rows re-queued per transaction by `dead retry`
+PURGE_BATCH = 1000  # rows deleted per transaction by `purge` (--batch-size)
+
+
+def lazy(module: str, name: str) -> Handler:
+    """A handler that imports ``module`` and runs its ``name`` only when the command is used."""
+
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        function: Handler = getattr(importlib.import_module(module), name)
+        return function(args, settings)
+
+    return handler
+
+
+def _ops(name: str) -> Handler:
+    return lazy("relay.cli.ops", name)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text, "duration")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("duration: ")) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        return whole_in(text, "n", 1, 1_000_000)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("n: ")) from None
+
+
+def _older_than(text: str) -> float:
+    """``purge --older-than``: at least PURGE_MIN_AGE (one hour), so a slip cannot empty the outbox."""
+    try:
+        return duration_in(text, "age", PURGE_MIN_AGE, 100 * 365 * DAY)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("age: ")) from None
+
+
+def _dead_usage(args: argparse.Namespace, settings: Settings) -> int:
+    raise ConfigError("dead: choose `dead list` or `dead retry` (see outbox-relay dead --help)")
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the operator commands to the command line (called by :mod:`relay.cli.main`)."""
+    p = command(
+        "status",
+        _ops("cmd_status"),
+        "rows per target and state, backlog age, paused targets, live relays",
+        "Per target: rows pending, in flight, delivered and dead; the age of the oldest row waiting;\n"
+        "deliveries and dead letters in the last hour; the relays serving it (heartbeat in the last\n"
+        "2 minutes) and whether one paused it, since when and why. Also the schema version.\n\n"
+        "examples:\n  outbox-relay status\n"
+        "  outbox-relay status --json | jq '.targets[] | select(.paused or .served_by == [])'",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+
+    p = command(
+        "audit",
+        _ops("cmd_audit"),
+        "an update and every HTTP attempt made for it",
+        "Show every column of outbox.delivery_audit for the action (one row per target it was sent\n"
+        "to) and every attempt in order: start, duration, HTTP status, whether it reached the API\n"
+        "(answered; maybe: no answer, it may have been applied; no: it never left), outcome, error,\n"
+        "response body (cut short here; complete with --json), relay. Exit 1 when the action is\n"
+        "unknown.\n\n"
+        "example:\n  outbox-relay audit 1ba5fc4b-c4fd-4a52-9c43-0c3e6ea3b2a3 --json",
+    )
+    p.add_argument("action_id", metavar="ACTION_ID", help="the action id the application enqueued")
+    p.add_argument("--target", metavar="NAME", help="only this target")
+    p.add_argument("--json", action="store_true", help="machine-readable output, attempts in full")
+
+    dead = command(
+        "dead",
+        _dead_usage,
+        "inspect and re-queue dead updates",
+        "Dead updates were refused by the API (or ran out of attempts or time). `dead list` shows\n"
+        "them with their last error; `dead retry` puts them back to pending, attempts counted afresh.\n\n"
+        "examples:\n  outbox-relay dead list --since 1d --code ORDER_IN_WRONG_STATE\n"
+        "  outbox-relay dead retry --all --code UNAVAILABLE --reason 'API fixed' --dry-run",
+    )
+    sub = dead.add_subparsers(
+        dest="dead_command", metavar="SUBCOMMAND", required=True, parser_class=type(dead)
+    )
+    p = sub.add_parser(
+        "list",
+        help="dead updates, newest first",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dead updates, newest first, with the last HTTP status, the error code of the\n"
+        "last attempt (the API's code such as INVALID_INPUT, or a transport error name) and the\n"
+        "last error.\n\nexample:\n  outbox-relay dead list --since 6h --target default --code INVALID_INPUT",
+    )
+    p.set_defaults(handler=_ops("cmd_dead_list"))
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="died within DURATION (30m, 6h, 7d)")
+    p.add_argument("--code", metavar="CODE", help="the last attempt's error code (case-insensitive)")
+    p.add_argument("--target", metavar="NAME", help="only this target")
+    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="at most N rows (default 100)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "retry",
+        help="put dead updates back to pending",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Put dead updates back to pending: due now, attempts counted afresh, the reason\n"
+        "recorded in requeue_reason with your user name and the time. Only dead rows are touched;\n"
+        f"{RETRY_BATCH} rows per transaction; the relays are woken up afterwards.\n\n"
+        "examples:\n  outbox-relay dead retry 1ba5fc4b-c4fd 77aa01c2-9e10 --reason 'order fixed'\n"
+        "  outbox-relay dead retry --all --target default --code UNAVAILABLE --dry-run",
+    )
+    p.set_defaults(handler=_ops("cmd_dead_retry"))
+    p.add_argument("action_ids", nargs="*", metavar="ACTION_ID", help="the actions to re-queue")
+    p.add_argument("--all", action="store_true", help="every dead update (narrow with --code/--target)")
+    p.add_argument("--code", metavar="CODE", help="only those whose last attempt had this error code")
+    p.add_argument("--target", metavar="NAME", help="only this target")
+    p.add_argument("--reason", metavar="TEXT", help="why, kept in requeue_reason (default: manual retry)")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be re-queued")
+
+    p = command(
+        "purge",
+        _ops("cmd_purge"),
+        "delete old delivered (and dead) updates with their attempts",
+        "Retention: delete delivered updates (and dead ones with --include-dead) that finished more\n"
+        "than DURATION ago, with their attempts, in small transactions that skip rows in use. Pending\n"
+        "and in-flight updates are never touched; DURATION is at least 1h. The daemon does the same\n"
+        "hourly when `retention` is configured.\n\n"
+        "examples:\n  outbox-relay purge --older-than 30d --dry-run\n"
+        "  outbox-relay purge --older-than 90d --include-dead",
+    )
+    p.add_argument(
+        "--older-than",
+        type=_older_than,
+        required=True,
+        metavar="DURATION",
+        help="finished longer ago than this (e.g. 30d, 12h); at least 1h",
+    )
+    p.add_argument("--include-dead", action="store_true", help="also delete dead updates")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=PURGE_BATCH,
+        metavar="N",
+        help="rows per transaction (default %(default)s)",
+    )
+
+    p = command(
+        "check",
+        _ops("cmd_check"),
+        "configuration, database, schema and tokens in one go",
+        "Check that the configuration loads (targets and auth kinds are named, secrets never), the\n"
+        "database answers, the schema is up to date, and every target can get a token (OAuth: one\n"
+        "is fetched). One line per check; problems on stderr. Exit 0 when all is well, 2 when the\n"
+        "configuration is at fault, 1 otherwise.\n\n"
+        "example:\n  RELAY_DATABASE_URL=postgresql://relay@db/app \\\n"
+        "  RELAY_API_TOKEN_FILE=/run/secrets/token outbox-relay check",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")

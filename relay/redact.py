@@ -1,0 +1,80 @@
+"""Secrets out of text: the one place that knows what a secret in a message looks like.
+
+:func:`redact` masks what looks like a secret anywhere in a text (``Bearer`` tokens,
+``client_secret=``/``password=``-style assignments, the password part of URLs); the log handler
+runs every message through it, and the store runs driver errors through it. :func:`redact_url`
+hides the password of one URL. :func:`scrub_secrets` removes the configured secrets themselves
+(database password, tokens, OAuth client secrets) from a text that quotes other software, such
+as an error detail shown by ``outbox-relay check``.
+
+These are safety nets, not the primary defence: secrets are held in
+:class:`relay.settings.Secret` and never formatted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from relay.settings import Settings
+
+__all__ = ["MASK", "redact", "redact_url", "scrub_secrets"]
+
+MASK = "***"
+
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
+_ASSIGNMENT = re.compile(
+    r"""(?ix)
+    \b(client_secret|access_token|refresh_token|id_token|api_token|token|password|passwd|pwd)
+    (["']?\s*[=:]\s*["']?)          # = or : (JSON), with optional quotes
+    ([^\s&"',;}]+)
+    """
+)
+# scheme://user:password@  (user may be empty; password stops at '@', whitespace or '/').
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)")
+
+
+def redact(text: str) -> str:
+    """Mask bearer tokens, secret assignments and URL passwords anywhere in ``text``."""
+    if not text:
+        return text
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
+    return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (and any ``password=``-style query value) hidden.
+
+    ``postgresql://user:secret@db/app`` becomes ``postgresql://user:***@db/app``; a URL without a
+    password is returned unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:
+        return redact(url)
+    if has_password:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        url = urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{hostport}"))
+    return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", url)
+
+
+def scrub_secrets(text: str, settings: Settings) -> str:
+    """``text`` with every secret of ``settings`` (of four characters or more) replaced by ``***``:
+    the database password (in the URL or its query), static tokens and OAuth client secrets,
+    even where no pattern of :func:`redact` would recognise them."""
+    secrets = []
+    if settings.database_url is not None:
+        parts = urlsplit(settings.database_url.reveal())
+        secrets += [parts.password, *parse_qs(parts.query).get("password", [])]
+    for t in settings.targets.values():
+        secrets.append(t.token.reveal() if t.token else None)
+        secrets.append(t.oauth.client_secret.reveal() if t.oauth else None)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return text
