@@ -3,9 +3,11 @@
 :func:`redact` masks what looks like a secret anywhere in a text (``Bearer`` tokens,
 ``client_secret=``/``password=``-style assignments, the password part of URLs); the log handler
 runs every message through it, and the store runs driver errors through it. :func:`redact_url`
-hides the password of one URL. :func:`scrub_secrets` removes the configured secrets themselves
-(database password, tokens, OAuth client secrets) from a text that quotes other software, such
-as an error detail shown by ``outbox-relay check``.
+hides the password of one URL. :func:`mask` removes given secrets in every form they may be
+quoted in (raw, percent-encoded, quoted for a libpq connection string); the store masks the
+database password in driver errors with it, and :func:`scrub_secrets` every configured secret
+(database password, tokens, OAuth client secrets) in a text that quotes other software, such as
+an error detail shown by ``outbox-relay check``.
 
 These are safety nets, not the primary defence: secrets are held in
 :class:`relay.settings.Secret` and never formatted.
@@ -14,13 +16,14 @@ These are safety nets, not the primary defence: secrets are held in
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, quote_plus, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from relay.settings import Settings
 
-__all__ = ["MASK", "redact", "redact_url", "scrub_secrets"]
+__all__ = ["MASK", "mask", "redact", "redact_url", "scrub_secrets", "secret_forms"]
 
 MASK = "***"
 
@@ -63,18 +66,37 @@ def redact_url(url: str) -> str:
     return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", url)
 
 
+def secret_forms(secrets: Iterable[str | None]) -> tuple[str, ...]:
+    """Every form in which these secrets may be quoted: as they are, percent-encoded (in a URL),
+    and escaped for a libpq connection string; longest first. Secrets under 4 characters are
+    left out: masking them would garble ordinary words."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            forms |= {secret, quote(secret, safe=""), quote_plus(secret),
+                      secret.replace("\\", "\\\\").replace("'", "\\'")}  # fmt: skip
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def mask(text: str, forms: Iterable[str]) -> str:
+    """``text`` with each of ``forms`` (from :func:`secret_forms`) replaced by ``***``."""
+    for form in forms:
+        text = text.replace(form, MASK)
+    return text
+
+
 def scrub_secrets(text: str, settings: Settings) -> str:
-    """``text`` with every secret of ``settings`` (of four characters or more) replaced by ``***``:
-    the database password (in the URL or its query), static tokens and OAuth client secrets,
-    even where no pattern of :func:`redact` would recognise them."""
+    """``text`` with every secret of ``settings`` replaced by ``***``: the database password (in the
+    URL or its query), static tokens and OAuth client secrets, even where no pattern of
+    :func:`redact` would recognise them."""
+    from relay.settings import database_params
+
     secrets = []
     if settings.database_url is not None:
         parts = urlsplit(settings.database_url.reveal())
-        secrets += [parts.password, *parse_qs(parts.query).get("password", [])]
+        secrets.append(database_params(settings.database_url).get("password"))  # as libpq gets it
+        secrets += [parts.password, *parse_qs(parts.query).get("password", [])]  # both, if both given
     for t in settings.targets.values():
         secrets.append(t.token.reveal() if t.token else None)
         secrets.append(t.oauth.client_secret.reveal() if t.oauth else None)
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, MASK)
-    return text
+    return mask(text, secret_forms(secrets))

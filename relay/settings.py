@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from relay.errors import ConfigError
 
@@ -237,6 +237,7 @@ RANGES: dict[str, tuple[str, float, float, float | None]] = {
     "breaker.max_open_for": ("duration", 0.01, DAY, 15.0),
 }
 PURGE_MIN_AGE = 3600.0  # `purge --older-than` and `retention`: never younger than one hour
+PURGE_BATCH = 1000  # rows deleted per transaction by `purge` (--batch-size) and the retention job
 
 
 def ranged(key: str, value: object, name: str | None = None) -> Any:
@@ -419,46 +420,61 @@ _DB_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 _DB_RULE = "expected postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]"
 
 
+# scheme://[user[:password]@][host[:port][,host[:port]...]][/dbname][?query]; the password may hold
+# any character but "@" (a "/" or ":" in it need not be encoded), a host may be [an:IPv6:address].
+_DB_URL = re.compile(
+    r"(?:(?P<user>[^:/@?]*)(?::(?P<password>[^@]*))?@)?(?P<hosts>[^/?]*)(?:/(?P<dbname>[^?]*))?(?:\?(?P<query>.*))?",
+    re.DOTALL,
+)
+_DB_HOST = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::(?P<port>.*))?", re.DOTALL)
+
+
 def database_params(url: Secret) -> dict[str, str]:
     """The libpq keywords of a ``postgresql://`` URL, percent-decoded exactly once.
 
     Nothing here renders the URL back into text: a password with ``%``, ``@``, ``/``, spaces or
-    non-ASCII letters reaches libpq as it was meant. Messages never quote the URL.
+    non-ASCII letters reaches libpq as it was meant. Messages never quote the URL. Several
+    hosts (``host1:5432,host2:5432``) become libpq's comma-separated ``host`` and ``port``.
     """
     from psycopg import ProgrammingError
     from psycopg.conninfo import make_conninfo
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
 
     text = url.reveal().strip()
-    scheme = text.partition("://")[0].lower() if "://" in text else ""
-    if scheme not in _DB_SCHEMES:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in _DB_SCHEMES:
         raise ConfigError(f"database_url: {_DB_RULE} (scheme postgresql, postgres or postgresql+psycopg)")
-    try:
-        parsed = make_url(text)
-        port = parsed.port
-    except ArgumentError:
-        raise ConfigError(f"database_url: {_DB_RULE}") from None
-    except ValueError:  # the port is not a number
-        raise ConfigError("database_url: the port must be a number from 1 to 65535") from None
+    parts = _DB_URL.fullmatch(rest)
+    if parts is None or "\x00" in text:
+        raise ConfigError(f"database_url: {_DB_RULE}")
     params: dict[str, str] = {}
-    for key, value in (("host", parsed.host), ("user", parsed.username),
-                       ("password", parsed.password), ("dbname", parsed.database)):  # fmt: skip
+    hosts, ports = [], []
+    for item in parts["hosts"].split(",") if parts["hosts"] else ():
+        host = _DB_HOST.fullmatch(item)
+        if host is None:
+            raise ConfigError(f"database_url: {_DB_RULE}")
+        hosts.append(unquote(host["ipv6"] if host["ipv6"] is not None else host["name"]))
+        port = host["port"]
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError("database_url: the port must be a number from 1 to 65535")
+        ports.append(port or "")
+    for key, value in (("host", ",".join(hosts)), ("user", parts["user"]),
+                       ("password", parts["password"]), ("dbname", parts["dbname"])):  # fmt: skip
         if value:
-            params[key] = value
-    if port is not None:
-        params["port"] = str(port)
-    for key, given in parsed.query.items():
-        params[key] = given if isinstance(given, str) else ",".join(given)
+            params[key] = value if key == "host" else unquote(value)
+    if any(ports):
+        params["port"] = ",".join(ports)
+    given: dict[str, list[str]] = {}
+    for key, value in parse_qsl(parts["query"] or ""):
+        given.setdefault(key, []).append(value)
+    for key, values in given.items():
         try:
             make_conninfo("", **{key: "1"})
         except ProgrammingError:
             raise ConfigError(f"database_url: unknown connection parameter {_brief(key)}") from None
+        params[key] = ",".join(values)
     for port_text in params.get("port", "").split(",") if "port" in params else ():
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
             raise ConfigError("database_url: the port must be a number from 1 to 65535")
-    if any("\x00" in v for v in params.values()):
-        raise ConfigError(f"database_url: {_DB_RULE}")
     return params
 
 

@@ -106,3 +106,17 @@ def test_the_daemon_loads_nothing_from_the_tooling_or_the_cli() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+SQLALCHEMY_USERS = {"relay/pg/writer.py", "relay/pg/tables.py"}  # where applications and auditors meet us
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_only_the_application_api_imports_sqlalchemy(path: Path) -> None:
+    """The daemon and the operator commands run on psycopg alone (docs/architecture.md)."""
+    name = str(path.relative_to(PACKAGE.parent))
+    users = [line for module, line, _ in imports(path) if module.split(".")[0] == "sqlalchemy"]
+    if name in SQLALCHEMY_USERS:
+        assert users, f"{name} is listed as a SQLAlchemy user but imports none of it"
+    else:
+        assert not users, f"{name} imports sqlalchemy on line(s) {users}"

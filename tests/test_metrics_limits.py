@@ -352,8 +352,8 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
 ) -> None:
     relay = Relay(relay_settings(database_url, NO_API))
     relay.last_drain_at = datetime.now(UTC)
-    pool = relay.store.engine.sync_engine.pool
-    size = pool.size()  # type: ignore[attr-defined]
+    pool = relay.store.pool
+    size = pool.size
     assert size >= 1
     server = MetricsServer(relay.metrics, "127.0.0.1", 0, relay.health)
     server_for.append(server)
@@ -366,7 +366,7 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
 
         async def sample() -> None:
             while not done.is_set():
-                seen.append(pool.checkedout())  # type: ignore[attr-defined]
+                seen.append(pool.checked_out)
                 await asyncio.sleep(0.005)
 
         sampler = asyncio.create_task(sample())
@@ -381,8 +381,8 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
     try:
         async with AsyncExitStack() as held:
             for _ in range(size):  # every connection of the delivery pool, taken
-                await held.enter_async_context(relay.store.engine.connect())
-            assert pool.checkedout() == size  # type: ignore[attr-defined]
+                await held.enter_async_context(pool.connection())
+            assert pool.checked_out == size
             with pytest.raises(TimeoutError):  # delivery itself would have to wait now
                 await asyncio.wait_for(relay.store.ping(), 1.0)
             seen = await hammer(60)

@@ -461,7 +461,7 @@ CASES = [
         None,
         {"RELAY_DATABASE_URL": "postgresql://relay:pw@[::1/app"},
         None,
-        "database_url: the port must be a number from 1 to 65535",
+        "database_url: expected postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]",
         id="env-db-bracket",
     ),
     pytest.param(

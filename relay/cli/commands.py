@@ -12,12 +12,11 @@ import importlib
 from collections.abc import Callable
 
 from relay.errors import ConfigError
-from relay.settings import DAY, PURGE_MIN_AGE, Settings, duration_in, parse_duration, whole_in
+from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, Settings, duration_in, parse_duration, whole_in
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 RETRY_BATCH = 500  # dead rows re-queued per transaction by `dead retry`
-PURGE_BATCH = 1000  # rows deleted per transaction by `purge` (--batch-size)
 
 
 def lazy(module: str, name: str) -> Handler:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from datetime import datetime
 
 from relay.pg.store import Store
+from relay.settings import PURGE_BATCH
 
-PURGE_BATCH = 1000
 Progress = Callable[[int, int, int], None]  # (batch number, updates deleted, attempts deleted)
 
 

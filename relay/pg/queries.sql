@@ -22,6 +22,9 @@ select version, name, checksum, applied_at from outbox.schema_migrations order b
 -- migrations_record --
 insert into outbox.schema_migrations (version, name, checksum) values (:version, :name, :checksum)
 
+-- ping --
+select 1 as one
+
 -- schema_version --
 select coalesce(max(version), 0) as version
 from outbox.schema_migrations

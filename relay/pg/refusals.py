@@ -13,9 +13,10 @@ use it, so a refusal reads the same wherever it is raised.
 
 from __future__ import annotations
 
+import sys
+
 import psycopg
 import psycopg.errors
-from sqlalchemy.exc import DBAPIError
 
 from relay.errors import ConflictingUpdate, InvalidUpdate
 
@@ -38,7 +39,7 @@ def refusal(exc: BaseException) -> InvalidUpdate | None:
     queued for the target. The message is PostgreSQL's primary message, without the SQLSTATE,
     hint or context lines; ``constraint`` is the rule's name when PostgreSQL gave one.
     """
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    orig = _unwrapped(exc)
     if not isinstance(orig, psycopg.Error):
         return None
     if isinstance(orig, psycopg.errors.UniqueViolation):
@@ -46,3 +47,16 @@ def refusal(exc: BaseException) -> InvalidUpdate | None:
     if isinstance(orig, _REFUSED):
         return InvalidUpdate(orig.diag.message_primary or str(orig), orig.diag.constraint_name)
     return None
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The driver's error inside SQLAlchemy's ``DBAPIError``, else ``exc`` itself.
+
+    SQLAlchemy is looked up, not imported: an error can only come from it once it is loaded,
+    and the daemon, which runs on psycopg alone, never pays for loading it here.
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        orig: BaseException = exc.orig
+        return orig
+    return exc
