@@ -215,9 +215,9 @@ async def test_token_endpoint_down_rows_wait_uncharged_then_deliver(
             sb.token_endpoint_down(True)
             down_at = time.monotonic()
             # The scenario, not a wait for a result: the rows come once the last token has expired
-            # (issued at the last successful token request, for 2 s), so that no request can
-            # straddle its expiry. (One that did could meet a 401 while a request sent just before
-            # it was accepted, and the engine would judge that 401 the row's own and charge it.)
+            # (issued at the last successful token request, for 2 s): what is measured is rows that
+            # find no token at all. (A request that straddles the expiry is
+            # test_a_401_when_the_token_cannot_be_renewed_is_never_the_rows_own below.)
             issued_at = max(r.time for r in list(sb.requests) if r.method == "POST" and r.status == 200)
             await asyncio.sleep(max(0.0, issued_at + 2.0 + 0.3 - time.time()))
             producer = asyncio.create_task(produce(database_url, during, per_tick=15, tick=0.2))
@@ -266,6 +266,56 @@ async def test_token_endpoint_down_rows_wait_uncharged_then_deliver(
         f"through two failed probes; {token_failures} token requests in all; all delivered {took:.1f}s "
         "after it came back"
     )
+
+
+@pytest.mark.timeout(120)
+async def test_a_401_when_the_token_cannot_be_renewed_is_never_the_rows_own(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The race a token's expiry makes: a request meets a 401 while another, sent after it began,
+    was accepted, and the token endpoint is down. The engine is put in that state (``accepted_at``
+    ahead: some request begun later was accepted); the 401s then pause the target and charge no
+    row, since without a token that works the refusal cannot be told to be the row's own."""
+    with Sandbox(SandboxConfig(token_lifetime=3600.0, seed=4)) as sb:
+        settings = load_settings(None, oauth_env(database_url, sb, client_secret_file(tmp_path)))
+        store = Store(settings.require_database_url())
+        engine = Engine(settings, store)
+        try:
+            await asyncio.to_thread(seed_rows, database_url, sample_updates(5, prefix="warm"))
+            warm_done = all_final(database_url, 5)
+
+            async def warm() -> bool:
+                await engine.run_once()
+                return await warm_done()
+
+            await until(warm, 30, "the warm-up rows")
+            sb.token_endpoint_down(True)
+            sb.revoke_tokens()
+            lane = engine.lanes["default"]
+            lane.accepted_at = time.monotonic() + 3600.0
+            await asyncio.to_thread(seed_rows, database_url, sample_updates(10, seed=3, prefix="expired"))
+
+            async def paused() -> bool:
+                await engine.run_once()
+                return lane.state()[0] != "serving"
+
+            await until(paused, 30, "the pause")
+            await engine.run_once()  # what was in flight is recorded
+        finally:
+            await engine.close()
+            await store.close()
+    refused = rows(
+        database_url,
+        "select d.outcome, d.http_status from outbox.delivery_attempts d"
+        " join outbox.action_status_updates u on u.id = d.update_id where u.action_id like 'expired-%%'",
+    )
+    assert refused and {status for _, status in refused} == {401}, refused
+    assert "retry" not in {outcome for outcome, _ in refused}, refused  # none judged the row's own
+    charged = rows(
+        database_url, "select count(*) from outbox.action_status_updates where action_id like 'expired-%%' and attempts > 0"
+    )
+    assert charged == [(0,)]
+    assert lane.breaker.state == BreakerState.OPEN
 
 
 # -- 3. 403 on every request: the target pauses, then resumes by itself -----------------------

@@ -99,8 +99,9 @@ class Lane:
     exhausted: bool = False
     last_state: str = "serving"
     paused_since: float | None = None  # time.monotonic() when the target stopped serving
-    # time.monotonic() when the API last accepted this target's credentials (an answer that
-    # only comes after authentication): tells a 401/403 of one row from one of the whole target.
+    # time.monotonic() when the latest request whose credentials the API accepted (an answer that
+    # only comes after authentication) had started: tells a 401/403 of one row from one of the
+    # whole target.
     accepted_at: float = 0.0
     # Rows whose 401/403 paused the target, and when (time.monotonic()): if the API accepts other
     # rows after that, the next refusal of the same row is its own.
@@ -444,10 +445,11 @@ class Engine:
             decision = self._classify(lane, row, sent, begun, can_reauth=lane.client.tokens.can_renew)
             if decision.verdict == Verdict.REAUTH:
                 attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
+                renewed = True
                 try:
                     fresh = await lane.client.tokens.renew(token)
                 except AuthError as exc:
-                    fresh = None
+                    fresh, renewed = None, False
                     log.error(
                         "token renewal failed", extra={"target": lane.name, "error": one_line(exc, 500)}
                     )
@@ -459,7 +461,9 @@ class Engine:
                         )  # fmt: skip
                         return released, attempts
                     sent, begun = await self._send(lane, row, body, fresh, len(attempts))
-                decision = self._classify(lane, row, sent, begun, can_reauth=False)
+                # A refusal met without a token that works is the target's, never the row's own,
+                # whatever other rows were accepted meanwhile (a token that expired in flight).
+                decision = self._classify(lane, row, sent, begun, can_reauth=False, own_possible=renewed)
             attempts.append(self._attempt_row(lane, row, len(attempts), sent, decision))
             return self._settle(lane, row, decision, len(attempts), sent.answer.status), attempts
 
@@ -473,11 +477,20 @@ class Engine:
         self._progress()
         status = sent.answer.status
         if status is not None and (200 <= status < 300 or status in _PAST_AUTH):
-            lane.accepted_at = time.monotonic()
+            # When it started, not when it came back: credentials accepted for a request sent
+            # after another one began say nothing about a token that expired in between.
+            lane.accepted_at = max(lane.accepted_at, begun)
         return sent, begun
 
     def _classify(
-        self, lane: Lane, row: ClaimedRow, sent: Sent, begun: float, *, can_reauth: bool
+        self,
+        lane: Lane,
+        row: ClaimedRow,
+        sent: Sent,
+        begun: float,
+        *,
+        can_reauth: bool,
+        own_possible: bool = True,
     ) -> Decision:
         return classify(
             sent.answer,
@@ -488,7 +501,7 @@ class Engine:
             policy=self.settings.retry,
             rand=self.rand,
             can_reauth=can_reauth,
-            others_accepted=lane.accepted_at > min(begun, lane.refused.get(row.id, begun)),
+            others_accepted=own_possible and lane.accepted_at > min(begun, lane.refused.get(row.id, begun)),
         )
 
     def _attempt_row(
