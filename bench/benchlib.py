@@ -212,8 +212,10 @@ def ensure_nginx() -> None:
         subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
         subprocess.run(
             ["apt-get", "install", "-y", "-qq", "nginx", "libnginx-mod-http-echo"],
-            check=False, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )  # fmt: skip
+            check=False,
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
     if not Path(nginx_binary()).exists() or not echo_module():
         raise BenchError(
             "the benchmarks need nginx and its echo module: "
@@ -280,14 +282,16 @@ class Nginx:
         )
         test = subprocess.run(
             [nginx_binary(), "-t", "-c", str(conf), "-p", str(self.dir), "-e", str(self.dir / "error.log")],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         if test.returncode != 0:
             raise BenchError(f"nginx refused its config: {test.stderr.strip()[-500:]}")
         self.proc = subprocess.Popen(
             [nginx_binary(), "-c", str(conf), "-p", str(self.dir), "-e", str(self.dir / "error.log")],
-            stdout=subprocess.DEVNULL, stderr=(self.dir / "stderr.log").open("wb"),
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=(self.dir / "stderr.log").open("wb"),
+        )
         wait_port(self.fast_port)
         wait_port(self.slow_port)
         return self
@@ -373,9 +377,13 @@ class Postgres:
 
 def migrate(url: str) -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "relay", "migrate"], cwd=REPO, env=child_env(RELAY_DATABASE_URL=url),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [PYTHON, "-m", "relay", "migrate"],
+        cwd=REPO,
+        env=child_env(RELAY_DATABASE_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode != 0:
         raise BenchError(f"outbox-relay migrate failed: {(result.stderr or result.stdout).strip()[-500:]}")
 
@@ -409,9 +417,12 @@ class Relay:
         import psycopg
 
         self.proc = subprocess.Popen(
-            self.command, cwd=REPO, env=self.env,
-            stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            self.command,
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             while time.monotonic() < deadline:
@@ -466,8 +477,9 @@ def py_spy(pid: int, out: Path, rate: int = 250) -> Iterator[None]:
         return
     proc = subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     try:
         yield

@@ -76,11 +76,13 @@ async def _async_main(args: argparse.Namespace) -> dict[str, Any]:
         shared = httpx.AsyncClient(
             timeout=timeout,
             limits=httpx.Limits(
-                max_connections=args.concurrency, max_keepalive_connections=args.concurrency,
+                max_connections=args.concurrency,
+                max_keepalive_connections=args.concurrency,
                 keepalive_expiry=30.0,
             ),
-            follow_redirects=False, headers=HEADERS,
-        )  # fmt: skip
+            follow_redirects=False,
+            headers=HEADERS,
+        )
         clients = [shared] * args.concurrency
 
     async def worker(index: int, client: httpx.AsyncClient) -> None:

@@ -159,11 +159,23 @@ def describe_raw(mode: str, concurrency: int, loop: str) -> str:
 def run_raw(ctx: Context, url: str, mode: str, concurrency: int, loop: str) -> dict[str, Any]:
     assert ctx.nginx is not None and ctx.nginx.proc is not None
     cmd = [
-        bl.PYTHON, str(BENCH / "rawput.py"), "--url", url, "--mode", mode,
-        "--concurrency", str(concurrency), "--loop", "uvloop" if loop == "uvloop" else "asyncio",
-        "--seconds", str(ctx.sizes["raw_seconds"]), "--warmup", str(ctx.sizes["raw_warmup"]),
-        "--nginx-pid", str(ctx.nginx.proc.pid),
-    ]  # fmt: skip
+        bl.PYTHON,
+        str(BENCH / "rawput.py"),
+        "--url",
+        url,
+        "--mode",
+        mode,
+        "--concurrency",
+        str(concurrency),
+        "--loop",
+        "uvloop" if loop == "uvloop" else "asyncio",
+        "--seconds",
+        str(ctx.sizes["raw_seconds"]),
+        "--warmup",
+        str(ctx.sizes["raw_warmup"]),
+        "--nginx-pid",
+        str(ctx.nginx.proc.pid),
+    ]
     timeout = ctx.sizes["raw_seconds"] + ctx.sizes["raw_warmup"] + 60
     ctx.quiet()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=bl.child_env(), cwd=BENCH)
@@ -363,8 +375,10 @@ def bench_latency(ctx: Context) -> dict[str, Any]:
     received_file = ctx.tmp / "received.json"
     receiver = subprocess.Popen(
         [bl.PYTHON, str(BENCH / "receiver.py"), "--port", str(port), "--out", str(received_file)],
-        env=bl.child_env(), stdout=subprocess.DEVNULL, stderr=(ctx.tmp / "receiver.log").open("wb"),
-    )  # fmt: skip
+        env=bl.child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(ctx.tmp / "receiver.log").open("wb"),
+    )
     relay: bl.Relay | None = None
     profile: dict[str, Any] | None = None
     try:
@@ -376,10 +390,25 @@ def bench_latency(ctx: Context) -> dict[str, Any]:
         def insert(prefix: str, secs: float) -> dict[str, Any]:
             out = ctx.tmp / f"commits-{prefix}.json"
             proc = subprocess.run(
-                [bl.PYTHON, str(BENCH / "inserter.py"), "--url", url, "--rate", str(LATENCY_RATE),
-                 "--seconds", str(secs), "--prefix", prefix, "--out", str(out)],
-                env=bl.child_env(), capture_output=True, text=True, timeout=secs + 60,
-            )  # fmt: skip
+                [
+                    bl.PYTHON,
+                    str(BENCH / "inserter.py"),
+                    "--url",
+                    url,
+                    "--rate",
+                    str(LATENCY_RATE),
+                    "--seconds",
+                    str(secs),
+                    "--prefix",
+                    prefix,
+                    "--out",
+                    str(out),
+                ],
+                env=bl.child_env(),
+                capture_output=True,
+                text=True,
+                timeout=secs + 60,
+            )
             if proc.returncode != 0:
                 raise BenchError(f"inserter failed: {proc.stderr.strip()[-400:]}")
             return dict(json.loads(out.read_text()))
@@ -575,18 +604,20 @@ def measure_claims(urls: list[str], reps: int) -> list[dict[str, Any]]:
             conn.rollback()
             indexes, nodes, buffers = _plan_summary(plan)
             ts = sorted(times[k])
-            out.append({
-                "median_ms": round(statistics.median(ts), 3),
-                "p95_ms": round(percentile(ts, 0.95), 3),
-                "min_ms": round(ts[0], 3),
-                "rows_claimed": claimed[k],
-                "explain_execution_ms": round(plan.get("Execution Time", 0.0), 3),
-                "explain_planning_ms": round(plan.get("Planning Time", 0.0), 3),
-                "buffers": buffers,
-                "plan_indexes": indexes,
-                "plan_nodes": nodes,
-                "reps": reps,
-            })  # fmt: skip
+            out.append(
+                {
+                    "median_ms": round(statistics.median(ts), 3),
+                    "p95_ms": round(percentile(ts, 0.95), 3),
+                    "min_ms": round(ts[0], 3),
+                    "rows_claimed": claimed[k],
+                    "explain_execution_ms": round(plan.get("Execution Time", 0.0), 3),
+                    "explain_planning_ms": round(plan.get("Planning Time", 0.0), 3),
+                    "buffers": buffers,
+                    "plan_indexes": indexes,
+                    "plan_nodes": nodes,
+                    "reps": reps,
+                }
+            )
     finally:
         for conn in conns:
             conn.close()
@@ -632,10 +663,12 @@ def bench_claim(ctx: Context) -> dict[str, Any]:
                 ctx.quiet()
                 e, b = measure_claims([empty_url, big_url], reps)
                 b.update(
-                    finished=finished, table_mb=_table_mb(big), empty=e,
+                    finished=finished,
+                    table_mb=_table_mb(big),
+                    empty=e,
                     ratio_to_empty=round(b["median_ms"] / e["median_ms"], 2),
                     buffers_ratio=round(b["buffers"] / e["buffers"], 2) if e["buffers"] else None,
-                )  # fmt: skip
+                )
                 if extra:
                     b["extra_pending_since_analyze"] = extra
                 return b
@@ -798,21 +831,33 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     raw_a = (raw.get("relay_settings_fast") or {}).get("per_second")
     raw_b = (raw.get("best_fast") or {}).get("per_second")
     if fast:
-        add("drain, 204 endpoint", ">= 1,500 deliveries/s", fmt(fast["per_second"], 0, "/s"),
-            fast["per_second"] >= 1500)  # fmt: skip
+        add(
+            "drain, 204 endpoint",
+            ">= 1,500 deliveries/s",
+            fmt(fast["per_second"], 0, "/s"),
+            fast["per_second"] >= 1500,
+        )
         if raw_a:
             ratio = fast["per_second"] / raw_a
             add("drain / raw limit (a), 204", ">= 0.8 x", f"{ratio:.2f} x", ratio >= 0.8)
         if raw_b:
             ratio = fast["per_second"] / raw_b
             add("drain / raw limit (b, best client), 204", ">= 0.8 x", f"{ratio:.2f} x", ratio >= 0.8)
-        add("CPU per 1,000 deliveries (204 drain)", "<= 0.6 s", fmt(fast["cpu_s_per_1000"], 3, " s"),
-            fast["cpu_s_per_1000"] <= 0.6)  # fmt: skip
+        add(
+            "CPU per 1,000 deliveries (204 drain)",
+            "<= 0.6 s",
+            fmt(fast["cpu_s_per_1000"], 3, " s"),
+            fast["cpu_s_per_1000"] <= 0.6,
+        )
         add("peak RSS (204 drain)", "<= 60 MB", fmt(fast["peak_rss_mb"], 1, " MB"), fast["peak_rss_mb"] <= 60)
     slow = drain.get("slow_default")
     if slow:
-        add("drain, 50 ms endpoint, defaults", ">= 1,000 deliveries/s", fmt(slow["per_second"], 0, "/s"),
-            slow["per_second"] >= 1000)  # fmt: skip
+        add(
+            "drain, 50 ms endpoint, defaults",
+            ">= 1,000 deliveries/s",
+            fmt(slow["per_second"], 0, "/s"),
+            slow["per_second"] >= 1000,
+        )
     lat = results.get("latency")
     if lat:
         add("commit to request p50 (200 rows/s)", "<= 2 ms", fmt(lat["p50_ms"], 2, " ms"), lat["p50_ms"] <= 2)
@@ -820,23 +865,31 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     claim = results.get("claim")
     if claim and claim.get("sizes"):
         last = claim["sizes"][-1]
-        add(f"claim with {last['finished']:,} finished rows / empty table", "<= 1.2 x",
+        add(
+            f"claim with {last['finished']:,} finished rows / empty table",
+            "<= 1.2 x",
             f"{last['ratio_to_empty']:.2f} x ({last['median_ms']} vs {last['empty']['median_ms']} ms; "
             f"buffers {last['buffers']} vs {last['empty']['buffers']})",
-            last["ratio_to_empty"] <= 1.2)  # fmt: skip
+            last["ratio_to_empty"] <= 1.2,
+        )
         stale = claim.get("stale")
         if stale:
             seq = [n for n in stale["plan_nodes"] if n.startswith("Seq Scan")]
             ok = "action_status_updates_claimable" in stale["plan_indexes"] and not seq
-            add("claim with stale statistics: partial index, no seq scan",
+            add(
+                "claim with stale statistics: partial index, no seq scan",
                 "action_status_updates_claimable",
-                f"{', '.join(stale['plan_indexes']) or 'none'}; "
-                f"{stale['ratio_to_empty']:.2f} x empty", ok)  # fmt: skip
+                f"{', '.join(stale['plan_indexes']) or 'none'}; {stale['ratio_to_empty']:.2f} x empty",
+                ok,
+            )
     soak = results.get("soak")
     if soak:
-        add("RSS over the soak (10% -> end)", "flat: growth <= 3 MB",
+        add(
+            "RSS over the soak (10% -> end)",
+            "flat: growth <= 3 MB",
             f"{soak['rss_10pct_mb']} -> {soak['rss_end_mb']} MB ({soak['growth_10pct_to_end_mb']:+.1f})",
-            soak["growth_10pct_to_end_mb"] <= 3)  # fmt: skip
+            soak["growth_10pct_to_end_mb"] <= 3,
+        )
         add("peak RSS (soak)", "<= 60 MB", fmt(soak["peak_rss_mb"], 1, " MB"), soak["peak_rss_mb"] <= 60)
     return targets
 
@@ -946,11 +999,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## Drain: {drain['fast_default']['rows']:,} pending rows, `python -m relay run`", ""]
         lines += table(
             [
-                "run", "deliveries/s", "vs raw (a)", "vs raw (b)", "relay CPU s / 1,000",
-                "PostgreSQL CPU s / 1,000", "nginx CPU s / 1,000", "peak RSS", "other load / steal (cores)",
+                "run",
+                "deliveries/s",
+                "vs raw (a)",
+                "vs raw (b)",
+                "relay CPU s / 1,000",
+                "PostgreSQL CPU s / 1,000",
+                "nginx CPU s / 1,000",
+                "peak RSS",
+                "other load / steal (cores)",
             ],
             rows,
-        )  # fmt: skip
+        )
     lat = r.get("latency")
     if lat:
         lines += [
@@ -961,18 +1021,30 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += table(
             [
-                "rows", "received", "p50", "p95", "p99", "max", "commit() itself p50 / p99",
-                "relay CPU s / 1,000", "other load / steal (cores)",
+                "rows",
+                "received",
+                "p50",
+                "p95",
+                "p99",
+                "max",
+                "commit() itself p50 / p99",
+                "relay CPU s / 1,000",
+                "other load / steal (cores)",
             ],
             [
                 [
-                    f"{lat['rows']:,}", f"{lat['received']:,}", f"{lat['p50_ms']} ms", f"{lat['p95_ms']} ms",
-                    f"{lat['p99_ms']} ms", f"{lat['max_ms']} ms",
+                    f"{lat['rows']:,}",
+                    f"{lat['received']:,}",
+                    f"{lat['p50_ms']} ms",
+                    f"{lat['p95_ms']} ms",
+                    f"{lat['p99_ms']} ms",
+                    f"{lat['max_ms']} ms",
                     f"{lat['commit_ms_p50']} / {lat['commit_ms_p99']} ms",
-                    lat["relay_cpu_s_per_1000"], _load(lat),
+                    lat["relay_cpu_s_per_1000"],
+                    _load(lat),
                 ]
             ],
-        )  # fmt: skip
+        )
         lines += ["", f"Clock: {lat['clock']}.", ""]
         lines += table(
             ["leg", "p50", "p99"],
@@ -990,13 +1062,17 @@ def markdown(report: dict[str, Any]) -> str:
                 name += f" + {extra:,} pending after the last ANALYZE (stale statistics)"
             rows.append(
                 [
-                    name, fmt(c.get("table_mb"), 0, " MB"), f"{c['median_ms']} ms",
+                    name,
+                    fmt(c.get("table_mb"), 0, " MB"),
+                    f"{c['median_ms']} ms",
                     f"{c['empty']['median_ms']} ms",
-                    f"{c['ratio_to_empty']} x", f"{c['buffers']} ({c['empty']['buffers']})",
-                    f"{c['explain_execution_ms']} ms", ", ".join(c["plan_indexes"]) or "none",
+                    f"{c['ratio_to_empty']} x",
+                    f"{c['buffers']} ({c['empty']['buffers']})",
+                    f"{c['explain_execution_ms']} ms",
+                    ", ".join(c["plan_indexes"]) or "none",
                     c["rows_claimed"],
                 ]
-            )  # fmt: skip
+            )
         lines += [
             "",
             f"## Claim: `updates_claim` (limit {claim['limit']}) over {claim['pending']:,} pending rows",
@@ -1007,11 +1083,18 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += table(
             [
-                "finished rows (+ as many attempts)", "tables' size", "median", "empty table, same time",
-                "ratio", "buffers (empty)", "EXPLAIN ANALYZE", "indexes used", "rows claimed",
+                "finished rows (+ as many attempts)",
+                "tables' size",
+                "median",
+                "empty table, same time",
+                "ratio",
+                "buffers (empty)",
+                "EXPLAIN ANALYZE",
+                "indexes used",
+                "rows claimed",
             ],
             rows,
-        )  # fmt: skip
+        )
     soak = r.get("soak")
     if soak:
         low, high = soak["backlog_kept"]
@@ -1022,19 +1105,30 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += table(
             [
-                "deliveries/s", "CPU s / 1,000", "RSS ready", "at 10%", "at 50%", "at end",
+                "deliveries/s",
+                "CPU s / 1,000",
+                "RSS ready",
+                "at 10%",
+                "at 50%",
+                "at end",
                 "growth 10% -> end",
-                "peak RSS", "other load / steal (cores)",
+                "peak RSS",
+                "other load / steal (cores)",
             ],
             [
                 [
-                    fmt(soak["per_second"]), soak["cpu_s_per_1000"], f"{soak['rss_ready_mb']} MB",
-                    f"{soak['rss_10pct_mb']} MB", f"{soak['rss_50pct_mb']} MB", f"{soak['rss_end_mb']} MB",
-                    f"{soak['growth_10pct_to_end_mb']:+.2f} MB", f"{soak['peak_rss_mb']} MB",
+                    fmt(soak["per_second"]),
+                    soak["cpu_s_per_1000"],
+                    f"{soak['rss_ready_mb']} MB",
+                    f"{soak['rss_10pct_mb']} MB",
+                    f"{soak['rss_50pct_mb']} MB",
+                    f"{soak['rss_end_mb']} MB",
+                    f"{soak['growth_10pct_to_end_mb']:+.2f} MB",
+                    f"{soak['peak_rss_mb']} MB",
                     _load(soak),
                 ]
             ],
-        )  # fmt: skip
+        )
     prof = (r.get("drain") or {}).get("profile_204")
     if prof:
         lines += ["", "## Profile of the relay during a 204 drain (py-spy, active samples)", ""]
@@ -1077,10 +1171,12 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also record a py-spy profile of a 204 drain")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {BENCHES}")
     parser.add_argument(
-        "--quiet-wait", type=float, default=None,
+        "--quiet-wait",
+        type=float,
+        default=None,
         help="before each measurement, wait up to this many seconds while other processes load the "
         "machine (default 60, 20 with --quick; 0: do not wait)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--nice",
         type=int,
@@ -1102,8 +1198,10 @@ def main() -> int:
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = bl.machine_info()
-    say(f"machine: {machine['cores']} cores, {machine['cpu_model']}, {machine['ram_gib']} GiB, "
-        f"Python {machine['python']}, httpx {machine['httpx']}")  # fmt: skip
+    say(
+        f"machine: {machine['cores']} cores, {machine['cpu_model']}, {machine['ram_gib']} GiB, "
+        f"Python {machine['python']}, httpx {machine['httpx']}"
+    )
     interrupted = False
     try:
         ctx.nginx = bl.Nginx().start()
@@ -1120,8 +1218,11 @@ def main() -> int:
             machine["postgresql"] = ctx.pg.version()
             say(f"PostgreSQL {machine['postgresql']} up (fsync on)")
         steps: list[tuple[str, Callable[[Context], dict[str, Any]]]] = [
-            ("drain", bench_drain), ("latency", bench_latency), ("soak", bench_soak), ("claim", bench_claim),
-        ]  # fmt: skip
+            ("drain", bench_drain),
+            ("latency", bench_latency),
+            ("soak", bench_soak),
+            ("claim", bench_claim),
+        ]
         for name, step in steps:
             if name in only:
                 say(f"== {name} ==")

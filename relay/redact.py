@@ -73,8 +73,12 @@ def secret_forms(secrets: Iterable[str | None]) -> tuple[str, ...]:
     forms: set[str] = set()
     for secret in secrets:
         if secret and len(secret) >= 4:
-            forms |= {secret, quote(secret, safe=""), quote_plus(secret),
-                      secret.replace("\\", "\\\\").replace("'", "\\'")}  # fmt: skip
+            forms |= {
+                secret,
+                quote(secret, safe=""),
+                quote_plus(secret),
+                secret.replace("\\", "\\\\").replace("'", "\\'"),
+            }
     return tuple(sorted(forms, key=len, reverse=True))
 
 

@@ -330,16 +330,41 @@ class Settings:
 
 
 _TOP_KEYS = {
-    "database_url", "database_url_file", "poll_interval", "batch_size", "max_concurrency",
-    "rate_limit", "request_timeout", "lease", "shutdown_timeout", "metrics_listen",
-    "log_format", "log_level", "retention", "retention_include_dead", "relay_id",
-    "retry", "breaker", "targets", "ca_bundle", "proxy",
-}  # fmt: skip
+    "database_url",
+    "database_url_file",
+    "poll_interval",
+    "batch_size",
+    "max_concurrency",
+    "rate_limit",
+    "request_timeout",
+    "lease",
+    "shutdown_timeout",
+    "metrics_listen",
+    "log_format",
+    "log_level",
+    "retention",
+    "retention_include_dead",
+    "relay_id",
+    "retry",
+    "breaker",
+    "targets",
+    "ca_bundle",
+    "proxy",
+}
 _TARGET_KEYS = {
-    "base_url", "token", "token_file", "oauth_client_id", "oauth_client_secret",
-    "oauth_client_secret_file", "oauth_token_url", "request_timeout", "max_concurrency",
-    "rate_limit", "ca_bundle", "proxy",
-}  # fmt: skip
+    "base_url",
+    "token",
+    "token_file",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_client_secret_file",
+    "oauth_token_url",
+    "request_timeout",
+    "max_concurrency",
+    "rate_limit",
+    "ca_bundle",
+    "proxy",
+}
 
 
 SECRET_FILE_RULE = "refused: group or other users can access it"  # noqa: S105
@@ -359,9 +384,7 @@ def _private(fh: Any, path: str, name: str, env: Mapping[str, str]) -> None:
         except (OSError, ValueError):
             pass
     mode = stat.S_IMODE(info.st_mode)
-    raise ConfigError(
-        f"{name}: {path} has mode {mode:04o}, {SECRET_FILE_RULE}; run chmod 600 {path}"
-    )
+    raise ConfigError(f"{name}: {path} has mode {mode:04o}, {SECRET_FILE_RULE}; run chmod 600 {path}")
 
 
 def _read_secret_file(path: str, name: str, env: Mapping[str, str] | None = None) -> Secret:
@@ -457,8 +480,12 @@ def database_params(url: Secret) -> dict[str, str]:
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError("database_url: the port must be a number from 1 to 65535")
         ports.append(port or "")
-    for key, value in (("host", ",".join(hosts)), ("user", parts["user"]),
-                       ("password", parts["password"]), ("dbname", parts["dbname"])):  # fmt: skip
+    for key, value in (
+        ("host", ",".join(hosts)),
+        ("user", parts["user"]),
+        ("password", parts["password"]),
+        ("dbname", parts["dbname"]),
+    ):
         if value:
             params[key] = value if key == "host" else unquote(value)
     if any(ports):
@@ -489,7 +516,7 @@ def _inline_secret(doc: Mapping[str, Any]) -> str | None:
             pass
     proxies = [("proxy", doc.get("proxy"))]
     targets = doc.get("targets")
-    for name, table in (targets.items() if isinstance(targets, dict) else ()):
+    for name, table in targets.items() if isinstance(targets, dict) else ():
         if isinstance(table, dict):
             for key in ("token", "oauth_client_secret"):
                 if key in table:
@@ -637,8 +664,11 @@ _ENV_DEFAULT_TARGET = {
     "RELAY_PROXY": "proxy",
 }
 # A variable for one form of a secret replaces the file's other form of it (token vs token_file).
-_OTHER_FORM = {"token": "token_file", "token_file": "token",
-               "oauth_client_secret_file": "oauth_client_secret"}  # fmt: skip
+_OTHER_FORM = {
+    "token": "token_file",
+    "token_file": "token",
+    "oauth_client_secret_file": "oauth_client_secret",
+}
 # Keys of the top level that also serve as defaults for every target.
 _TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_bundle", "proxy")
 # Variables that carry a token or client id: checked under their own name (the value never shown).
@@ -687,9 +717,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     if top.get("rate_limit") not in (None, 0, "0", ""):
         ranged("rate_limit", top["rate_limit"])
     target_defaults = {k: top[k] for k in _TARGET_DEFAULT_KEYS if k in top}
-    targets = {
-        name: _target(name, table, target_defaults, env) for name, table in targets_doc.items()
-    }
+    targets = {name: _target(name, table, target_defaults, env) for name, table in targets_doc.items()}
 
     database_url: Secret | None = None
     if env.get("RELAY_DATABASE_URL"):

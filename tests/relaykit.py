@@ -145,6 +145,9 @@ def cli(
     """``python -m relay ARGS`` as a user runs it: no RELAY_* from the test's own environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.run(
-        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, env={**base, **(env or {})},
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
         timeout=timeout,
-    )  # fmt: skip
+    )

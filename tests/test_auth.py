@@ -156,7 +156,9 @@ async def test_static_token_file_problems_raise_auth_error(tmp_path: Path, conte
     ],
     ids=["space", "crlf", "non-ascii", "nul", "not utf-8", "huge"],
 )
-async def test_a_reread_token_file_must_hold_a_sane_token(tmp_path: Path, content: bytes, fragment: str) -> None:
+async def test_a_reread_token_file_must_hold_a_sane_token(
+    tmp_path: Path, content: bytes, fragment: str
+) -> None:
     path = tmp_path / "tok"
     path.write_bytes(content)
     source = StaticToken(Secret("old-token"), path)

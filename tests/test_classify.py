@@ -69,32 +69,53 @@ ANSWER_TABLE = [
     pytest.param(Answer(204), True, True, (D, "delivered", True, False, False, None), id="204 after unknown"),
     # 400 ACTION_ALREADY_FINAL / 404 after an earlier unknown outcome
     pytest.param(
-        Answer(400, ALREADY_FINAL), True, True,
-        (D, "delivered_earlier", True, False, False, "ACTION_ALREADY_FINAL"), id="400 final after unknown",
+        Answer(400, ALREADY_FINAL),
+        True,
+        True,
+        (D, "delivered_earlier", True, False, False, "ACTION_ALREADY_FINAL"),
+        id="400 final after unknown",
     ),
     pytest.param(
-        Answer(404, NOT_FOUND), True, True,
-        (D, "delivered_earlier", True, False, False, "DATA_NOT_FOUND"), id="404 after unknown",
+        Answer(404, NOT_FOUND),
+        True,
+        True,
+        (D, "delivered_earlier", True, False, False, "DATA_NOT_FOUND"),
+        id="404 after unknown",
     ),
     pytest.param(
-        Answer(404), True, True, (D, "delivered_earlier", True, False, False, "HTTP_404"),
+        Answer(404),
+        True,
+        True,
+        (D, "delivered_earlier", True, False, False, "HTTP_404"),
         id="404 empty body after unknown",
     ),
     pytest.param(
-        Answer(404, HTML), True, True, (D, "delivered_earlier", True, False, False, "HTTP_404"),
+        Answer(404, HTML),
+        True,
+        True,
+        (D, "delivered_earlier", True, False, False, "HTTP_404"),
         id="404 html after unknown",
     ),
     # 400 any other case, 404 without earlier unknown, other 4xx
     pytest.param(
-        Answer(400, ALREADY_FINAL), False, True, (X, "dead", True, False, False, "ACTION_ALREADY_FINAL"),
+        Answer(400, ALREADY_FINAL),
+        False,
+        True,
+        (X, "dead", True, False, False, "ACTION_ALREADY_FINAL"),
         id="400 final without earlier unknown",
     ),
     pytest.param(
-        Answer(400, INVALID_INPUT), True, True, (X, "dead", True, False, False, "INVALID_INPUT"),
+        Answer(400, INVALID_INPUT),
+        True,
+        True,
+        (X, "dead", True, False, False, "INVALID_INPUT"),
         id="400 invalid after unknown",
     ),
     pytest.param(
-        Answer(400, INVALID_INPUT), False, True, (X, "dead", True, False, False, "INVALID_INPUT"),
+        Answer(400, INVALID_INPUT),
+        False,
+        True,
+        (X, "dead", True, False, False, "INVALID_INPUT"),
         id="400 invalid",
     ),
     pytest.param(Answer(400), True, True, (X, "dead", True, False, False, "HTTP_400"), id="400 empty"),
@@ -103,7 +124,10 @@ ANSWER_TABLE = [
     ),
     *[
         pytest.param(
-            Answer(status), earlier, True, (X, "dead", True, False, False, f"HTTP_{status}"),
+            Answer(status),
+            earlier,
+            True,
+            (X, "dead", True, False, False, f"HTTP_{status}"),
             id=f"{status}{' after unknown' if earlier else ''}",
         )
         for status in (402, 405, 406, 409, 410, 411, 412, 413, 414, 415, 418, 421, 422, 423, 451, 499)
@@ -112,8 +136,11 @@ ANSWER_TABLE = [
     # 401 / 403
     pytest.param(Answer(401), False, True, (A, "reauth", False, False, False, "HTTP_401"), id="401 oauth"),
     pytest.param(
-        Answer(401, body(code="UNAUTHORIZED")), True, True,
-        (A, "reauth", False, False, False, "UNAUTHORIZED"), id="401 oauth after unknown",
+        Answer(401, body(code="UNAUTHORIZED")),
+        True,
+        True,
+        (A, "reauth", False, False, False, "UNAUTHORIZED"),
+        id="401 oauth after unknown",
     ),
     pytest.param(Answer(401), False, False, (P, "paused", False, False, False, "HTTP_401"), id="401 static"),
     pytest.param(Answer(403), False, True, (P, "paused", False, False, False, "HTTP_403"), id="403 oauth"),
@@ -124,8 +151,11 @@ ANSWER_TABLE = [
         for s in (408, 425, 429)
     ],
     pytest.param(
-        Answer(429, body(code="TOO_MANY_REQUESTS")), True, True,
-        (R, "retry", True, False, True, "TOO_MANY_REQUESTS"), id="429 with code",
+        Answer(429, body(code="TOO_MANY_REQUESTS")),
+        True,
+        True,
+        (R, "retry", True, False, True, "TOO_MANY_REQUESTS"),
+        id="429 with code",
     ),
     # 5xx: retry, the request may have been applied
     *[
@@ -133,33 +163,54 @@ ANSWER_TABLE = [
         for s in (500, 501, 502, 503, 504, 599)
     ],
     pytest.param(
-        Answer(500, body(code="UNEXPECTED", message="boom")), False, True,
-        (R, "retry", True, True, True, "UNEXPECTED"), id="500 with code",
+        Answer(500, body(code="UNEXPECTED", message="boom")),
+        False,
+        True,
+        (R, "retry", True, True, True, "UNEXPECTED"),
+        id="500 with code",
     ),
     # no response
     pytest.param(
-        Answer(None, transport_error="ReadTimeout"), False, True,
-        (R, "retry", True, True, True, "ReadTimeout"), id="read timeout",
+        Answer(None, transport_error="ReadTimeout"),
+        False,
+        True,
+        (R, "retry", True, True, True, "ReadTimeout"),
+        id="read timeout",
     ),
     pytest.param(
-        Answer(None, transport_error="WriteTimeout"), False, True,
-        (R, "retry", True, True, True, "WriteTimeout"), id="write timeout",
+        Answer(None, transport_error="WriteTimeout"),
+        False,
+        True,
+        (R, "retry", True, True, True, "WriteTimeout"),
+        id="write timeout",
     ),
     pytest.param(
-        Answer(None, transport_error="RemoteProtocolError"), False, True,
-        (R, "retry", True, True, True, "RemoteProtocolError"), id="connection closed without answer",
+        Answer(None, transport_error="RemoteProtocolError"),
+        False,
+        True,
+        (R, "retry", True, True, True, "RemoteProtocolError"),
+        id="connection closed without answer",
     ),
     pytest.param(
-        Answer(None, transport_error="ConnectError", maybe_sent=False), False, True,
-        (R, "retry", True, False, True, "ConnectError"), id="connect error",
+        Answer(None, transport_error="ConnectError", maybe_sent=False),
+        False,
+        True,
+        (R, "retry", True, False, True, "ConnectError"),
+        id="connect error",
     ),
     pytest.param(
-        Answer(None, transport_error="ConnectTimeout", maybe_sent=False), False, True,
-        (R, "retry", True, False, True, "ConnectTimeout"), id="connect timeout",
+        Answer(None, transport_error="ConnectTimeout", maybe_sent=False),
+        False,
+        True,
+        (R, "retry", True, False, True, "ConnectTimeout"),
+        id="connect timeout",
     ),
     pytest.param(
-        Answer(None, transport_error="PoolTimeout", maybe_sent=False), False, True,
-        (R, "retry", True, False, True, "PoolTimeout"), id="pool timeout",
+        Answer(None, transport_error="PoolTimeout", maybe_sent=False),
+        False,
+        True,
+        (R, "retry", True, False, True, "PoolTimeout"),
+        id="pool timeout",
     ),
     pytest.param(
         Answer(None), False, True, (R, "retry", True, True, True, "NoResponse"), id="nothing at all"
@@ -169,7 +220,7 @@ ANSWER_TABLE = [
         pytest.param(Answer(s), False, True, (R, "retry", True, False, True, f"HTTP_{s}"), id=f"{s}")
         for s in (0, 100, 199, 300, 301, 302, 304, 307, 308, 600, 999, -1)
     ],
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("answer", "earlier_unknown", "can_reauth", "expected"), ANSWER_TABLE)
@@ -198,13 +249,18 @@ def test_answer_table(
     [
         pytest.param(Answer(204), False, True, "HTTP 204", None, id="delivered"),
         pytest.param(
-            Answer(400, INVALID_INPUT), False, True,
-            "HTTP 400 INVALID_INPUT: errors[0].code is not supported", "errors[0].code is not supported",
+            Answer(400, INVALID_INPUT),
+            False,
+            True,
+            "HTTP 400 INVALID_INPUT: errors[0].code is not supported",
+            "errors[0].code is not supported",
             id="dead with code and message",
         ),
         pytest.param(Answer(410), False, True, "HTTP 410", None, id="dead without body"),
         pytest.param(
-            Answer(400, ALREADY_FINAL), True, True,
+            Answer(400, ALREADY_FINAL),
+            True,
+            True,
             "HTTP 400 ACTION_ALREADY_FINAL: The action already has a final status: "
             "an earlier attempt with an unknown outcome was delivered",
             "The action already has a final status",
@@ -212,12 +268,19 @@ def test_answer_table(
         ),
         pytest.param(Answer(401), False, True, "HTTP 401: renewing the token", None, id="reauth"),
         pytest.param(
-            Answer(401), False, False, "HTTP 401: credentials refused, pausing the target", None,
+            Answer(401),
+            False,
+            False,
+            "HTTP 401: credentials refused, pausing the target",
+            None,
             id="401 pause",
         ),
         pytest.param(
-            Answer(403, body(code="FORBIDDEN", message="missing scope")), False, True,
-            "HTTP 403 FORBIDDEN: missing scope: token lacks permission, pausing the target", "missing scope",
+            Answer(403, body(code="FORBIDDEN", message="missing scope")),
+            False,
+            True,
+            "HTTP 403 FORBIDDEN: missing scope: token lacks permission, pausing the target",
+            "missing scope",
             id="403 pause",
         ),
         pytest.param(Answer(503), False, True, "HTTP 503, retrying in 1s", None, id="retry"),
@@ -225,19 +288,23 @@ def test_answer_table(
             Answer(302), False, True, "HTTP 302 (unexpected status), retrying in 1s", None, id="unexpected"
         ),
         pytest.param(
-            Answer(None, transport_error="ReadTimeout"), False, True,
+            Answer(None, transport_error="ReadTimeout"),
+            False,
+            True,
             "ReadTimeout (no response, outcome unknown), retrying in 1s",
             "no response (ReadTimeout); the request may have reached the server",
             id="read timeout",
         ),
         pytest.param(
-            Answer(None, transport_error="ConnectError", maybe_sent=False), False, True,
+            Answer(None, transport_error="ConnectError", maybe_sent=False),
+            False,
+            True,
             "ConnectError (no response), retrying in 1s",
             "no response (ConnectError); the request was not sent",
             id="connect error",
         ),
     ],
-)  # fmt: skip
+)
 def test_reason_and_message(
     answer: Answer, earlier_unknown: bool, can_reauth: bool, reason: str, message: str | None
 ) -> None:
@@ -257,51 +324,95 @@ def test_reason_and_message(
         pytest.param(Answer(503), 2, const(0.0), 4.0, "HTTP 503, retrying in 4s", id="third failure"),
         pytest.param(Answer(503), 3, const(0.5), 12.0, "HTTP 503, retrying in 12s", id="fourth, middle"),
         pytest.param(
-            Answer(None, transport_error="ReadTimeout"), 1, const(0.0), 2.0,
-            "ReadTimeout (no response, outcome unknown), retrying in 2s", id="timeout backs off too",
+            Answer(None, transport_error="ReadTimeout"),
+            1,
+            const(0.0),
+            2.0,
+            "ReadTimeout (no response, outcome unknown), retrying in 2s",
+            id="timeout backs off too",
         ),
         pytest.param(
-            Answer(429, retry_after="30"), 0, const(0.0), 30.0, "HTTP 429, retrying in 30s",
+            Answer(429, retry_after="30"),
+            0,
+            const(0.0),
+            30.0,
+            "HTTP 429, retrying in 30s",
             id="Retry-After seconds",
         ),
         pytest.param(
-            Answer(429, retry_after="2.5"), 3, const(0.0), 8.0, "HTTP 429, retrying in 8s",
+            Answer(429, retry_after="2.5"),
+            3,
+            const(0.0),
+            8.0,
+            "HTTP 429, retrying in 8s",
             id="Retry-After below the backoff: the backoff",
         ),
         pytest.param(
-            Answer(429, retry_after="3600"), 0, const(0.0), 60.0, "HTTP 429, retrying in 1m",
+            Answer(429, retry_after="3600"),
+            0,
+            const(0.0),
+            60.0,
+            "HTTP 429, retrying in 1m",
             id="Retry-After seconds capped at max_delay",
         ),
         pytest.param(
-            Answer(503, retry_after="Wed, 01 May 2024 12:00:45 GMT"), 0, const(0.0), 45.0,
-            "HTTP 503, retrying in 45s", id="Retry-After future date",
+            Answer(503, retry_after="Wed, 01 May 2024 12:00:45 GMT"),
+            0,
+            const(0.0),
+            45.0,
+            "HTTP 503, retrying in 45s",
+            id="Retry-After future date",
         ),
         pytest.param(
-            Answer(503, retry_after="Wed, 01 May 2024 13:00:00 GMT"), 0, const(0.0), 60.0,
-            "HTTP 503, retrying in 1m", id="Retry-After far date capped at max_delay",
+            Answer(503, retry_after="Wed, 01 May 2024 13:00:00 GMT"),
+            0,
+            const(0.0),
+            60.0,
+            "HTTP 503, retrying in 1m",
+            id="Retry-After far date capped at max_delay",
         ),
         pytest.param(
-            Answer(503, retry_after="Wed, 01 May 2024 11:59:00 GMT"), 0, const(0.0), 1.0,
-            "HTTP 503, retrying in 1s", id="Retry-After past date: the backoff",
+            Answer(503, retry_after="Wed, 01 May 2024 11:59:00 GMT"),
+            0,
+            const(0.0),
+            1.0,
+            "HTTP 503, retrying in 1s",
+            id="Retry-After past date: the backoff",
         ),
         pytest.param(
-            Answer(503, retry_after="soon"), 2, const(0.0), 4.0, "HTTP 503, retrying in 4s",
+            Answer(503, retry_after="soon"),
+            2,
+            const(0.0),
+            4.0,
+            "HTTP 503, retrying in 4s",
             id="garbage Retry-After: backoff",
         ),
         pytest.param(
-            Answer(503, retry_after="-10"), 2, const(0.0), 4.0, "HTTP 503, retrying in 4s",
+            Answer(503, retry_after="-10"),
+            2,
+            const(0.0),
+            4.0,
+            "HTTP 503, retrying in 4s",
             id="negative Retry-After: backoff",
         ),
         pytest.param(
-            Answer(408, retry_after="7"), 0, const(0.0), 7.0, "HTTP 408, retrying in 7s",
+            Answer(408, retry_after="7"),
+            0,
+            const(0.0),
+            7.0,
+            "HTTP 408, retrying in 7s",
             id="408 honours Retry-After",
         ),
         pytest.param(
-            Answer(301, retry_after="5"), 0, const(0.0), 5.0, "HTTP 301 (unexpected status), retrying in 5s",
+            Answer(301, retry_after="5"),
+            0,
+            const(0.0),
+            5.0,
+            "HTTP 301 (unexpected status), retrying in 5s",
             id="unexpected status honours Retry-After",
         ),
     ],
-)  # fmt: skip
+)
 def test_retry_at(
     answer: Answer, attempts: int, rand: Callable[[], float], delay: float, reason: str
 ) -> None:
@@ -319,36 +430,55 @@ def test_retry_at(
     ("answer", "attempts", "created_at", "reason", "unknown"),
     [
         pytest.param(
-            Answer(503), 4, CREATED, "gave up after 5 attempts; last failure: HTTP 503", True,
+            Answer(503),
+            4,
+            CREATED,
+            "gave up after 5 attempts; last failure: HTTP 503",
+            True,
             id="5xx at max_attempts",
         ),
         pytest.param(
-            Answer(429, retry_after="1"), 4, CREATED,
-            "gave up after 5 attempts; last failure: HTTP 429", False,
+            Answer(429, retry_after="1"),
+            4,
+            CREATED,
+            "gave up after 5 attempts; last failure: HTTP 429",
+            False,
             id="429 at max_attempts despite Retry-After",
         ),
         pytest.param(
-            Answer(None, transport_error="ReadTimeout"), 7, CREATED,
-            "gave up after 8 attempts; last failure: ReadTimeout (no response, outcome unknown)", True,
+            Answer(None, transport_error="ReadTimeout"),
+            7,
+            CREATED,
+            "gave up after 8 attempts; last failure: ReadTimeout (no response, outcome unknown)",
+            True,
             id="timeout beyond max_attempts",
         ),
         pytest.param(
-            Answer(None, transport_error="ConnectError", maybe_sent=False), 4, CREATED,
-            "gave up after 5 attempts; last failure: ConnectError (no response)", False,
+            Answer(None, transport_error="ConnectError", maybe_sent=False),
+            4,
+            CREATED,
+            "gave up after 5 attempts; last failure: ConnectError (no response)",
+            False,
             id="connect error at max_attempts",
         ),
         pytest.param(
-            Answer(502, body(code="UNAVAILABLE", message="try later")), 0, NOW - timedelta(hours=1),
-            "gave up: older than 1h (retry.max_age); last failure: HTTP 502 UNAVAILABLE: try later", True,
+            Answer(502, body(code="UNAVAILABLE", message="try later")),
+            0,
+            NOW - timedelta(hours=1),
+            "gave up: older than 1h (retry.max_age); last failure: HTTP 502 UNAVAILABLE: try later",
+            True,
             id="5xx at max_age",
         ),
         pytest.param(
-            Answer(307), 1, NOW - timedelta(days=2),
-            "gave up: older than 1h (retry.max_age); last failure: HTTP 307 (unexpected status)", False,
+            Answer(307),
+            1,
+            NOW - timedelta(days=2),
+            "gave up: older than 1h (retry.max_age); last failure: HTTP 307 (unexpected status)",
+            False,
             id="unexpected status past max_age",
         ),
     ],
-)  # fmt: skip
+)
 def test_gives_up_into_dead(
     answer: Answer, attempts: int, created_at: datetime, reason: str, unknown: bool
 ) -> None:
@@ -404,34 +534,63 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
         pytest.param(400, DEEP, True, Verdict.DEAD, "HTTP_400", None, id="absurdly nested"),
         pytest.param(
             400,
-            body(code="ACTION_ALREADY_FINAL", message="final", errors=[{"field": "$", "extensions": {}}],
-                 traceId="abc", details={"new": True}),
-            True, Verdict.DELIVERED, "ACTION_ALREADY_FINAL", "final", id="unknown fields",
+            body(
+                code="ACTION_ALREADY_FINAL",
+                message="final",
+                errors=[{"field": "$", "extensions": {}}],
+                traceId="abc",
+                details={"new": True},
+            ),
+            True,
+            Verdict.DELIVERED,
+            "ACTION_ALREADY_FINAL",
+            "final",
+            id="unknown fields",
         ),
         pytest.param(
-            400, body(code="SOMETHING_NEW", message="new rule"), True, Verdict.DEAD, "SOMETHING_NEW",
-            "new rule", id="unknown code",
+            400,
+            body(code="SOMETHING_NEW", message="new rule"),
+            True,
+            Verdict.DEAD,
+            "SOMETHING_NEW",
+            "new rule",
+            id="unknown code",
         ),
         pytest.param(
-            503, body(code="BRAND_NEW_OUTAGE"), False, Verdict.RETRY, "BRAND_NEW_OUTAGE", None,
+            503,
+            body(code="BRAND_NEW_OUTAGE"),
+            False,
+            Verdict.RETRY,
+            "BRAND_NEW_OUTAGE",
+            None,
             id="unknown code on 5xx",
         ),
         pytest.param(
-            400, body(code="action_already_final"), True, Verdict.DEAD, "action_already_final", None,
+            400,
+            body(code="action_already_final"),
+            True,
+            Verdict.DEAD,
+            "action_already_final",
+            None,
             id="code compared exactly",
         ),
         pytest.param(400, body(code=42, message=[1]), True, Verdict.DEAD, "HTTP_400", None, id="wrong types"),
         pytest.param(400, body(code="", message=""), True, Verdict.DEAD, "HTTP_400", None, id="empty str"),
         pytest.param(400, body(code=None), True, Verdict.DEAD, "HTTP_400", None, id="null code"),
         pytest.param(
-            400, body(message="no code here"), True, Verdict.DEAD, "HTTP_400", "no code here",
+            400,
+            body(message="no code here"),
+            True,
+            Verdict.DEAD,
+            "HTTP_400",
+            "no code here",
             id="message only",
         ),
         pytest.param(
             400, body(code="X" * 1000), False, Verdict.DEAD, "X" * 99 + "…", None, id="huge code truncated"
         ),
     ],
-)  # fmt: skip
+)
 def test_lenient_bodies(
     status: int, raw: bytes, earlier_unknown: bool, verdict: Verdict, code: str, message: str | None
 ) -> None:
@@ -473,7 +632,11 @@ def test_a_refusal_of_one_row_while_others_are_accepted_is_charged_and_ends_dead
     assert (first.verdict, first.charged, first.transient) == (Verdict.RETRY, True, False)
     assert "refused for this row only" in first.reason
     last = decide(answer, attempts=POLICY.max_attempts - 1, others_accepted=True)
-    assert (last.verdict, last.error_code, last.error_message) == (Verdict.DEAD, "FORBIDDEN", "not your store")
+    assert (last.verdict, last.error_code, last.error_message) == (
+        Verdict.DEAD,
+        "FORBIDDEN",
+        "not your store",
+    )
     target_wide = decide(answer, others_accepted=False)
     assert (target_wide.verdict, target_wide.charged) == (Verdict.PAUSE, False)
 
@@ -520,10 +683,18 @@ def test_invariants(status: int | None, raw: bytes) -> None:
         assert d.reason and "\n" not in d.reason
 
 
-@pytest.mark.parametrize(("status", "throttled"), [(429, True), (503, False), (408, False), (204, False), (400, False)])
+@pytest.mark.parametrize(
+    ("status", "throttled"), [(429, True), (503, False), (408, False), (204, False), (400, False)]
+)
 def test_only_429_asks_to_slow_down(status: int, throttled: bool) -> None:
     decision = classify(
-        Answer(status=status), attempts=0, earlier_unknown=False, created_at=NOW, now=NOW,
-        policy=POLICY, rand=lambda: 0.5, can_reauth=False,
-    )  # fmt: skip
+        Answer(status=status),
+        attempts=0,
+        earlier_unknown=False,
+        created_at=NOW,
+        now=NOW,
+        policy=POLICY,
+        rand=lambda: 0.5,
+        can_reauth=False,
+    )
     assert decision.throttled is throttled

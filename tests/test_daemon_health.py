@@ -41,10 +41,19 @@ def test_stall_after_is_the_lease_plus_30_seconds() -> None:
 @pytest.mark.parametrize(
     ("seconds", "due"),
     [
-        (0.0, 0), (299.9, 0), (300.0, 1), (899.0, 1), (900.0, 2), (3599.0, 2), (3600.0, 3),
-        (7199.0, 3), (7200.0, 4), (10800.0, 5), (86400.0, 26),
+        (0.0, 0),
+        (299.9, 0),
+        (300.0, 1),
+        (899.0, 1),
+        (900.0, 2),
+        (3599.0, 2),
+        (3600.0, 3),
+        (7199.0, 3),
+        (7200.0, 4),
+        (10800.0, 5),
+        (86400.0, 26),
     ],
-)  # fmt: skip
+)
 def test_pause_alerts_at_5_min_15_min_1_h_then_hourly(seconds: float, due: int) -> None:
     assert pause_alerts_due(seconds) == due
 
@@ -262,9 +271,14 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
     sock, path = notify_socket
     monkeypatch.setattr(daemon, "STALL_SLACK", 3.0)
     settings = relay_settings(
-        database_url, held_api.url, RELAY_LEASE="4", RELAY_REQUEST_TIMEOUT="2", RELAY_SHUTDOWN_TIMEOUT="1",
-        NOTIFY_SOCKET=path, WATCHDOG_USEC="400000",
-    )  # fmt: skip
+        database_url,
+        held_api.url,
+        RELAY_LEASE="4",
+        RELAY_REQUEST_TIMEOUT="2",
+        RELAY_SHUTDOWN_TIMEOUT="1",
+        NOTIFY_SOCKET=path,
+        WATCHDOG_USEC="400000",
+    )
     seed_rows(database_url, [("stuck-1", "SUCCESS", [])])
     relay = Relay(settings)
     assert stall_after(settings) == 7.0
@@ -300,8 +314,11 @@ async def test_a_drain_stuck_on_a_database_write_is_reported_and_recovers(
             return [] if first is None else heard[first:]
 
         await wait_for(lambda: hear(lambda: bool(after_stall())), 10, "a status line naming the stall")
-        await wait_for(lambda: hear(lambda: sum(m.startswith("STATUS=") for m in after_stall()) >= 4), 10,
-                       "three more heartbeats")  # fmt: skip
+        await wait_for(
+            lambda: hear(lambda: sum(m.startswith("STATUS=") for m in after_stall()) >= 4),
+            10,
+            "three more heartbeats",
+        )
         assert "WATCHDOG=1" not in after_stall(), heard
         assert relay.engine.running and relay.last_drain_at is None
 
@@ -356,7 +373,10 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
         alert = alerts[0]
         assert alert.levelno == logging.ERROR
         assert extra(alert, "target", "reason", "paused_for") == (
-            "default", "HTTP 403 from the API: forbidden", "6m40s")  # fmt: skip
+            "default",
+            "HTTP 403 from the API: forbidden",
+            "6m40s",
+        )
         assert 400 <= paused_gauge(relay, "default") < 410
 
         lane.paused_since = time.monotonic() - 1000  # past 15 minutes
@@ -367,7 +387,8 @@ async def test_a_long_pause_is_logged_at_5_min_and_15_min_not_every_heartbeat(
 
         status = await collect_status(relay.store)  # the heartbeat wrote the state
         assert [(t["target"], t["paused"], t["pause_reason"]) for t in status["targets"]] == [
-            ("default", True, "HTTP 403 from the API: forbidden")]  # fmt: skip
+            ("default", True, "HTTP 403 from the API: forbidden")
+        ]
 
         lane.breaker.record_success()  # the target serves again: nothing new here
         lane.paused_since = None

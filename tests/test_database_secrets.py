@@ -53,8 +53,11 @@ def server() -> Iterator[EmbeddedPostgres]:
         create_migrated_database(pg.url("postgres"), "relay", pg.url("relay"))
         with psycopg.connect(pg.url("postgres"), autocommit=True) as conn:
             for n, password in enumerate(PASSWORDS.values()):
-                conn.execute(psycopg.sql.SQL("create role {} login superuser password {}").format(
-                    psycopg.sql.Identifier(f"relay_{n}"), psycopg.sql.Literal(password)))  # fmt: skip
+                conn.execute(
+                    psycopg.sql.SQL("create role {} login superuser password {}").format(
+                        psycopg.sql.Identifier(f"relay_{n}"), psycopg.sql.Literal(password)
+                    )
+                )
         yield pg
     finally:
         pg.cleanup()

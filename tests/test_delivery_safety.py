@@ -37,10 +37,19 @@ from tests.relaykit import (
 
 def _attempt(row: ClaimedRow, message: str | None = None) -> AttemptRecord:
     return AttemptRecord(
-        update_id=row.id, claim_token=row.token, action_id=row.action_id, target=row.target,
-        attempt=row.requests + 1, started_at=datetime.now(UTC), duration_ms=1.0, http_status=204,
-        outcome="delivered", error_code=None, error_message=message, response_body=None,
-    )  # fmt: skip
+        update_id=row.id,
+        claim_token=row.token,
+        action_id=row.action_id,
+        target=row.target,
+        attempt=row.requests + 1,
+        started_at=datetime.now(UTC),
+        duration_ms=1.0,
+        http_status=204,
+        outcome="delivered",
+        error_code=None,
+        error_message=message,
+        response_body=None,
+    )
 
 
 def _delivered(row: ClaimedRow) -> RowResult:
@@ -110,9 +119,12 @@ async def test_a_write_cancelled_midway_still_lands(
         # Wait until the write is really waiting for the lock, then cancel its caller.
         waiting = await asyncio.to_thread(
             wait_until,
-            lambda: db.execute(
-                "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
-            ).fetchone() == (1,),
+            lambda: (
+                db.execute(
+                    "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
+                ).fetchone()
+                == (1,)
+            ),
             30,
         )
         assert waiting
@@ -140,7 +152,9 @@ async def test_only_a_row_marked_as_sent_is_ambiguous_after_its_lease_ran_out(
     lost = db.execute(
         "select update_id, attempt, outcome, error_code, relay_id, http_status from outbox.delivery_attempts"
     ).fetchall()
-    assert sorted(lost) == sorted((r.id, 1, "unknown", "LeaseExpired", "test-relay", None) for r in first if r.marked)
+    assert sorted(lost) == sorted(
+        (r.id, 1, "unknown", "LeaseExpired", "test-relay", None) for r in first if r.marked
+    )
 
 
 async def test_an_unknown_id_held_but_never_sent_ends_dead_not_delivered(
@@ -172,7 +186,9 @@ async def test_an_unknown_id_held_but_never_sent_ends_dead_not_delivered(
     ]
 
 
-async def test_a_requeued_dead_row_gets_a_fresh_retry_budget(database_url: str, db: psycopg.Connection) -> None:
+async def test_a_requeued_dead_row_gets_a_fresh_retry_budget(
+    database_url: str, db: psycopg.Connection
+) -> None:
     seed_rows(database_url, [("old-1", "SUCCESS", [])])
     db.execute(
         "update outbox.action_status_updates set created_at = now() - interval '3 days', state = 'dead', "
@@ -262,10 +278,16 @@ def test_after_kill_9_only_requests_that_left_are_ambiguous(database_url: str, t
     slow = Behaviour(404, b"", drip=1.0, drip_head=True)  # a head that takes seconds to arrive
     with HostileApi({"unknown-": slow}) as api:
         first = start_relay_process(
-            relay_env(database_url, api.url, RELAY_MAX_CONCURRENCY="2", RELAY_REQUEST_TIMEOUT="3",
-                      RELAY_LEASE="5", RELAY_ID="killed"),
+            relay_env(
+                database_url,
+                api.url,
+                RELAY_MAX_CONCURRENCY="2",
+                RELAY_REQUEST_TIMEOUT="3",
+                RELAY_LEASE="5",
+                RELAY_ID="killed",
+            ),
             tmp_path / "killed.log",
-        )  # fmt: skip
+        )
         try:
             seed_rows(database_url, [(a, "SUCCESS", []) for a in ids])
             # Two requests in flight (concurrency 2), two more rows claimed and waiting for a slot.
@@ -281,7 +303,9 @@ def test_after_kill_9_only_requests_that_left_are_ambiguous(database_url: str, t
             in_flight = "select action_id from outbox.action_status_updates where state = 'in_flight'"
             held = {a for (a,) in conn.execute(in_flight).fetchall()}
         api.behaviours.clear()  # from now on the API answers at once: 404
-        second = start_relay_process(relay_env(database_url, api.url, RELAY_ID="second"), tmp_path / "second.log")
+        second = start_relay_process(
+            relay_env(database_url, api.url, RELAY_ID="second"), tmp_path / "second.log"
+        )
         try:
             assert wait_until(lambda: set(states(database_url)) <= {"delivered", "dead"}, 60)
         finally:

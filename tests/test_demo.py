@@ -40,8 +40,12 @@ def _env() -> dict[str, str]:
 def demo(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "relay", "demo", *args],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -113,11 +117,17 @@ def test_json_summary_matches_the_kept_database(scratch: Path) -> None:
             == summary["delivered_earlier"]
         )
         # Every request was recorded under the row's own sequence: 1, 2, ... without gaps.
-        assert _one(conn, """
+        assert (
+            _one(
+                conn,
+                """
             select count(*) from (
                 select update_id, max(attempt) as top, count(*) as n, count(distinct attempt) as d
                 from outbox.delivery_attempts group by update_id) per
-            where top <> n or d <> n""") == 0  # fmt: skip
+            where top <> n or d <> n""",
+            )
+            == 0
+        )
         # The dead rows are the unknown actions, refused with 404; the rest were unknown too,
         # but a 404 after a lost answer counts as delivered (listed in the summary).
         dead = conn.execute(
@@ -177,8 +187,12 @@ def test_ctrl_c_while_the_relay_runs_still_cleans_up(scratch: Path) -> None:
     folder = scratch / "demo"
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "demo", "--rows", "1500", "--data-dir", str(folder)],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None

@@ -148,4 +148,3 @@ async def test_4xx_answers_dead_letter_at_once(database_url: str) -> None:
     assert rows["unknown-1"][:3] == ("dead", 1, 404)
     assert rows["bad-1"][:3] == ("dead", 1, 400)
     assert "INVALID_INPUT" in rows["bad-1"][3]
-

@@ -109,9 +109,15 @@ def assert_storable(text: str | None, limit: int | None = None) -> None:
 def decide(answer: Answer) -> Any:
     now = datetime.now(UTC)
     return classify(
-        answer, attempts=0, earlier_unknown=False, created_at=now, now=now,
-        policy=RetrySettings(), rand=lambda: 0.5, can_reauth=False,
-    )  # fmt: skip
+        answer,
+        attempts=0,
+        earlier_unknown=False,
+        created_at=now,
+        now=now,
+        policy=RetrySettings(),
+        rand=lambda: 0.5,
+        can_reauth=False,
+    )
 
 
 # -- every hostile answer: prompt, bounded, storable, classified by its status ------------------

@@ -53,8 +53,10 @@ async def test_metrics_are_served_and_move() -> None:
         base = f"http://127.0.0.1:{server.port}"
         async with httpx.AsyncClient(base_url=base) as http:
             before = parse((await http.get("/metrics")).text)
-            assert ("outbox_relay_requests_total", frozenset({("target", "default"), ("outcome", "delivered")})) \
-                not in before  # fmt: skip
+            assert (
+                "outbox_relay_requests_total",
+                frozenset({("target", "default"), ("outcome", "delivered")}),
+            ) not in before
 
             metrics.request("default", "delivered", 0.120)
             metrics.request("default", "delivered", 0.020)

@@ -371,7 +371,9 @@ async def test_healthz_uses_its_own_connection_not_the_delivery_pool(
 
         sampler = asyncio.create_task(sample())
         limits = httpx.Limits(max_connections=8)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", timeout=30, limits=limits
+        ) as http:
             answers = await asyncio.gather(*(http.get("/healthz") for _ in range(requests)))
         done.set()
         await sampler

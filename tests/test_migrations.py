@@ -17,9 +17,18 @@ from relay.settings import Secret
 
 def _dump(url: str) -> str:
     out = subprocess.run(
-        [str(_bin_dir() / "pg_dump"), "--schema-only", "--schema=outbox", "--no-owner", "--no-privileges", url],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        [
+            str(_bin_dir() / "pg_dump"),
+            "--schema-only",
+            "--schema=outbox",
+            "--no-owner",
+            "--no-privileges",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     lines = [ln for ln in out.splitlines() if not ln.startswith(("--", "\\restrict", "\\unrestrict"))]
     return "\n".join(lines)
 
@@ -83,8 +92,10 @@ def test_migrations_and_canonical_ddl_build_the_same_catalog(
 def _grants(url: str) -> list[str]:
     out = subprocess.run(
         [str(_bin_dir() / "pg_dump"), "--schema-only", "--schema=outbox", "--no-owner", url],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return sorted(ln for ln in out.splitlines() if ln.startswith(("GRANT ", "REVOKE ")))
 
 
@@ -94,6 +105,8 @@ def test_migrations_and_canonical_ddl_grant_the_same_privileges(
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute((schema_dir() / "schema.sql").read_text(encoding="utf-8"))
     migrated, canonical = _grants(database_url), _grants(empty_database_url)
-    assert "GRANT UPDATE(requeue_reason) ON TABLE outbox.action_status_updates TO outbox_operator;" in migrated
+    assert (
+        "GRANT UPDATE(requeue_reason) ON TABLE outbox.action_status_updates TO outbox_operator;" in migrated
+    )
     assert not any("DELETE" in g and "outbox_relay" in g and "relay_targets" not in g for g in migrated)
     assert migrated == canonical

@@ -69,9 +69,16 @@ def add(
                attempts = %(n)s, requests = %(n)s, outcome_unknown = %(unknown)s,
                last_http_status = %(http)s, last_error = %(error)s
            where id = %(id)s""",
-        {"state": state, "age": age, "n": len(attempts), "unknown": unknown, "http": last[1],
-         "error": f"HTTP {last[1]} {last[2]}" if last[1] else None, "id": uid},
-    )  # fmt: skip
+        {
+            "state": state,
+            "age": age,
+            "n": len(attempts),
+            "unknown": unknown,
+            "http": last[1],
+            "error": f"HTTP {last[1]} {last[2]}" if last[1] else None,
+            "id": uid,
+        },
+    )
     if state == "pending":
         db.execute(
             "update outbox.action_status_updates set created_at = now() - %s::interval where id = %s",
@@ -85,10 +92,21 @@ def add(
                    reached_api)
                values (%s, %s, %s, %s, now() - %s::interval - make_interval(secs => %s), 12.5, %s, %s, %s, %s, %s,
                        'relay-a', case when %s::integer is null then 'maybe' else 'answered' end)""",
-            (uid, action_id, target, n, age, len(attempts) - n + 1, http, outcome, code,
-             (message if final else None) or (f"{code} from the API" if code else None), body if final else None,
-             http),
-        )  # fmt: skip
+            (
+                uid,
+                action_id,
+                target,
+                n,
+                age,
+                len(attempts) - n + 1,
+                http,
+                outcome,
+                code,
+                (message if final else None) or (f"{code} from the API" if code else None),
+                body if final else None,
+                http,
+            ),
+        )
     return uid
 
 
@@ -109,8 +127,16 @@ def seeded(db: psycopg.Connection) -> dict[tuple[str, str], int]:
     put("both-1", state="delivered", age="2 minutes", attempts=ok)
     put("wait-1", state="pending", age="10 minutes", attempts=[("retry", 503, "UNAVAILABLE")])
     put("fly-1", state="in_flight", age="0s")
-    put("dead-a", state="dead", age="2 hours", status="FAILED", unknown=True, body=LONG_BODY,
-        message="bad \x1b[31mred\x1b[0m input", attempts=[("retry", None, "ReadTimeout"), ("dead", 400, "INVALID_INPUT")])  # fmt: skip
+    put(
+        "dead-a",
+        state="dead",
+        age="2 hours",
+        status="FAILED",
+        unknown=True,
+        body=LONG_BODY,
+        message="bad \x1b[31mred\x1b[0m input",
+        attempts=[("retry", None, "ReadTimeout"), ("dead", 400, "INVALID_INPUT")],
+    )
     put("dead-b", state="dead", age="40 days", attempts=[("dead", 404, "HTTP_404")])
     put("dead-c", state="dead", age="5 minutes", attempts=[("retry", 503, "UNAVAILABLE")] * 3)
     put("old-eu", "eu", state="delivered", age="40 days", attempts=ok)
@@ -171,18 +197,24 @@ def test_status_human_view(database_url: str, seeded: dict[tuple[str, str], int]
     header = next(line for line in lines if line.startswith("TARGET"))
     default = next(line for line in lines if line.startswith("default "))
     eu = next(line for line in lines if line.startswith("eu "))
-    assert re.match(r"default\s+1\s+1\s+6\s+3\s+10m(\d\ds)?\s+2\s+1\s+relay-a\s+paused 7m(\d\ds)?$", default), default
+    assert re.match(
+        r"default\s+1\s+1\s+6\s+3\s+10m(\d\ds)?\s+2\s+1\s+relay-a\s+paused 7m(\d\ds)?$", default
+    ), default
     assert re.match(r"eu\s+1\s+0\s+1\s+1\s+5m(\d\ds)?\s+0\s+1\s+-\s+UNSERVED$", eu), eu
     # aligned: right-aligned numbers end under their header
     end = header.index("DELIVERED 1H") + len("DELIVERED 1H")
     assert default[end - 1] == "2" and eu[end - 1] == "0"
-    assert re.search(r"^paused: default for 7m(\d\ds)?: HTTP 401 from the API: credentials refused$", out, re.MULTILINE)
+    assert re.search(
+        r"^paused: default for 7m(\d\ds)?: HTTP 401 from the API: credentials refused$", out, re.MULTILINE
+    )
     assert "unserved: eu has 1 row(s) waiting but no live relay serves it" in out
     assert re.search(r"^relay-a\s+default\s+[\d.]+m?s ago$", out, re.MULTILINE)
     assert "relay-old" not in out
 
 
-async def test_status_counts_a_pause_from_its_start_across_relays(db: psycopg.Connection, store: Store) -> None:
+async def test_status_counts_a_pause_from_its_start_across_relays(
+    db: psycopg.Connection, store: Store
+) -> None:
     """Probing (one request decides whether the target is back) is still a pause; with several
     relays, the one paused longest says how long."""
     db.execute(
@@ -234,8 +266,9 @@ def test_audit_shows_the_update_and_every_attempt_in_order(
         400,
     )
     assert update["errors"] == [{"code": "OTHER", "message": "refused by the shop"}]
-    assert [(a["attempt"], a["outcome"], a["http_status"], a["error_code"], a["reached_api"]) for a in attempts] == [
-        (1, "retry", None, "ReadTimeout", "maybe"), (2, "dead", 400, "INVALID_INPUT", "answered")]  # fmt: skip
+    assert [
+        (a["attempt"], a["outcome"], a["http_status"], a["error_code"], a["reached_api"]) for a in attempts
+    ] == [(1, "retry", None, "ReadTimeout", "maybe"), (2, "dead", 400, "INVALID_INPUT", "answered")]
     assert attempts[0]["started_at"] < attempts[1]["started_at"]
     assert attempts[1]["response_body"] == LONG_BODY and attempts[1]["relay_id"] == "relay-a"
     assert attempts[1]["duration_ms"] == 12.5
@@ -246,7 +279,10 @@ def test_audit_shows_the_update_and_every_attempt_in_order(
     assert "\x1b" not in out and "bad \\x1b[31mred\\x1b[0m input" in out  # escaped, not obeyed
     assert "END-OF-BODY" not in out and report.ELLIPSIS in out  # the body is cut short
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s+\d{4}-", line)]
-    assert [(r[0], r[4], r[5], r[6]) for r in rows] == [("1", "-", "maybe", "retry"), ("2", "400", "answered", "dead")]
+    assert [(r[0], r[4], r[5], r[6]) for r in rows] == [
+        ("1", "-", "maybe", "retry"),
+        ("2", "400", "answered", "dead"),
+    ]
     for column in ("action_id", "time_to_deliver", "last_error", "requeue_reason"):
         assert re.search(rf"^\s+{column}\s", out, re.MULTILINE), column
 
@@ -255,7 +291,9 @@ def test_audit_shows_every_target_of_an_action(database_url: str, seeded: dict[t
     env = {"RELAY_DATABASE_URL": database_url}
     data = json.loads(cli("audit", "both-1", "--json", env=env).stdout)
     assert [(e["update"]["target"], e["update"]["state"], len(e["attempts"])) for e in data["updates"]] == [
-        ("default", "delivered", 1), ("eu", "pending", 0)]  # fmt: skip
+        ("default", "delivered", 1),
+        ("eu", "pending", 0),
+    ]
     assert data["updates"][0]["update"]["time_to_deliver"] == pytest.approx(60.0, abs=1.0)
     only_eu = json.loads(cli("audit", "both-1", "--target", "eu", "--json", env=env).stdout)
     assert [e["update"]["target"] for e in only_eu["updates"]] == ["eu"]
@@ -302,8 +340,19 @@ def test_dead_list_filters(database_url: str, seeded: dict[tuple[str, str], int]
     human = cli("dead", "list", "--target", "default", env=env)
     assert human.returncode == 0
     lines = human.stdout.splitlines()
-    assert lines[0].split() == ["DEAD", "AT", "TARGET", "ACTION", "ID", "STATUS", "ATTEMPTS", "HTTP", "CODE", "LAST",
-                                "ERROR"]  # fmt: skip
+    assert lines[0].split() == [
+        "DEAD",
+        "AT",
+        "TARGET",
+        "ACTION",
+        "ID",
+        "STATUS",
+        "ATTEMPTS",
+        "HTTP",
+        "CODE",
+        "LAST",
+        "ERROR",
+    ]
     assert [line.split()[3] for line in lines[1:4]] == ["dead-c", "dead-a", "dead-b"]
     assert "3 dead update(s)" in human.stdout
     nothing = cli("dead", "list", "--code", "NO_SUCH_CODE", env=env)
@@ -337,8 +386,9 @@ def test_dead_retry_requeues_only_the_named_dead_rows(
         row = db.execute(
             """select state, attempts, dead_at, requeued_at is not null, requeue_reason, next_attempt_at <= now(),
                       requests, outcome_unknown
-               from outbox.action_status_updates where id = %s""", (uid,),
-        ).fetchone()  # fmt: skip
+               from outbox.action_status_updates where id = %s""",
+            (uid,),
+        ).fetchone()
         assert row is not None
         state, attempts, dead_at, requeued, reason, due, requests, _ = row
         assert (state, attempts, dead_at, requeued, due) == ("pending", 0, None, True, True)
@@ -346,8 +396,10 @@ def test_dead_retry_requeues_only_the_named_dead_rows(
         assert re.fullmatch(r"shop fixed the order \(by .+ at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", reason), (
             reason
         )
-    unknown = db.execute("select outcome_unknown from outbox.action_status_updates where id = %s",
-                         (seeded[("dead-a", "default")],)).fetchone()  # fmt: skip
+    unknown = db.execute(
+        "select outcome_unknown from outbox.action_status_updates where id = %s",
+        (seeded[("dead-a", "default")],),
+    ).fetchone()
     assert unknown == (True,)  # kept: the next answer is still read knowing an earlier one may have landed
     assert {k: v for k, v in after.items() if k not in moved} == {
         k: v for k, v in before.items() if k not in moved
@@ -392,8 +444,16 @@ def test_purge_deletes_old_finished_rows_and_their_attempts_in_batches(
     database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
 ) -> None:
     env = {"RELAY_DATABASE_URL": database_url}
-    old = [seeded[(a, t)] for a, t in [("old-1", "default"), ("old-2", "default"), ("old-3", "default"),
-                                       ("old-4", "default"), ("old-eu", "eu")]]  # fmt: skip
+    old = [
+        seeded[(a, t)]
+        for a, t in [
+            ("old-1", "default"),
+            ("old-2", "default"),
+            ("old-3", "default"),
+            ("old-4", "default"),
+            ("old-eu", "eu"),
+        ]
+    ]
 
     def attempts_of(ids: list[int]) -> int:
         row = db.execute(
@@ -434,13 +494,21 @@ def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
 ) -> None:
     fly, old_1 = seeded[("fly-1", "default")], seeded[("old-1", "default")]
     with psycopg.connect(database_url) as holder:  # a relay mid-claim, and someone holding an old row
-        holder.execute("update outbox.action_status_updates set next_attempt_at = now() + interval '1 minute' "
-                       "where id = %s", (fly,))  # fmt: skip
+        holder.execute(
+            "update outbox.action_status_updates set next_attempt_at = now() + interval '1 minute' "
+            "where id = %s",
+            (fly,),
+        )
         holder.execute("select id from outbox.action_status_updates where id = %s for update", (old_1,))
         result = cli(
-            "purge", "--older-than", "1h", "--include-dead", "--batch-size", "2",
+            "purge",
+            "--older-than",
+            "1h",
+            "--include-dead",
+            "--batch-size",
+            "2",
             env={"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c lock_timeout=5000"},
-        )  # fmt: skip
+        )
         assert result.returncode == 0, result.stderr
         left = snapshot(db)
         holder.rollback()
@@ -449,7 +517,10 @@ def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
     assert {v[0] for v in left.values()} == {"pending", "in_flight", "delivered", "dead"}
     young = {seeded[(a, "default")] for a in ("fresh-1", "both-1")}  # finished less than an hour ago
     assert {k for k, v in left.items() if v[0] == "delivered"} == {old_1} | young
-    assert {k for k, v in left.items() if v[0] == "dead"} == {seeded[("dead-c", "default")], seeded[("dead-eu", "eu")]}
+    assert {k for k, v in left.items() if v[0] == "dead"} == {
+        seeded[("dead-c", "default")],
+        seeded[("dead-eu", "eu")],
+    }
 
 
 def test_purge_never_takes_rows_finished_less_than_an_hour_ago(
@@ -467,13 +538,17 @@ def test_purge_never_takes_rows_finished_less_than_an_hour_ago(
     for older_than in ("59 minutes", "0 seconds", None):  # the database refuses it too, whoever asks
         with pytest.raises(psycopg.errors.InvalidParameterValue) as caught:
             db.execute("select * from outbox.purge_finished(%s::interval, true, 100)", (older_than,))
-        assert (caught.value.diag.message_primary or "").startswith("older_than must be at least 1 hour, not ")
+        assert (caught.value.diag.message_primary or "").startswith(
+            "older_than must be at least 1 hour, not "
+        )
     assert snapshot(db) == before
     hour = "select * from outbox.purge_finished('1 hour', true, 100, %s)"
     assert db.execute(hour, ("delivered",)).fetchone() == (5, 6, "dead", None)  # the floor itself is accepted
     assert db.execute(hour, ("dead",)).fetchone() == (2, 3, None, None)  # dead-a (2 hours) and dead-b
-    young = {seeded[(a, t)] for a, t in [("fresh-1", "default"), ("both-1", "default"), ("dead-c", "default"),
-                                         ("dead-eu", "eu")]}  # fmt: skip
+    young = {
+        seeded[(a, t)]
+        for a, t in [("fresh-1", "default"), ("both-1", "default"), ("dead-c", "default"), ("dead-eu", "eu")]
+    }
     assert young <= set(snapshot(db))
 
 
@@ -524,8 +599,9 @@ def test_auditors_read_the_operator_requeues_and_the_relay_purges(
     operator = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_operator"}
     retried = cli("dead", "retry", "dead-a", env=operator)
     assert retried.returncode == 0, retried.stderr
-    by = db.execute("select requeued_by from outbox.action_status_updates where id = %s",
-                    (seeded[("dead-a", "default")],)).fetchone()  # fmt: skip
+    by = db.execute(
+        "select requeued_by from outbox.action_status_updates where id = %s", (seeded[("dead-a", "default")],)
+    ).fetchone()
     assert by == ("outbox_operator",)
     purged = cli("purge", "--older-than", "30d", "--include-dead", env=relay)
     assert purged.returncode == 0, purged.stderr
@@ -541,8 +617,9 @@ class _TokenEndpoint(BaseHTTPRequestHandler):
         form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
         type(self).posts.append(form)
         good = form.get("client_secret") == ["right-secret"]
-        body = json.dumps({"access_token": "issued-token-123", "expires_in": 60} if good
-                          else {"error": "invalid_client"}).encode()  # fmt: skip
+        body = json.dumps(
+            {"access_token": "issued-token-123", "expires_in": 60} if good else {"error": "invalid_client"}
+        ).encode()
         self.send_response(200 if good else 401)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -592,8 +669,12 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
 def test_check_fetches_an_oauth_token(database_url: str, token_url: str, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("right-secret\n")
-    env = {"RELAY_DATABASE_URL": database_url, "RELAY_OAUTH_CLIENT_ID": "client-1",
-           "RELAY_OAUTH_CLIENT_SECRET_FILE": str(secret), "RELAY_OAUTH_TOKEN_URL": token_url}  # fmt: skip
+    env = {
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_OAUTH_CLIENT_ID": "client-1",
+        "RELAY_OAUTH_CLIENT_SECRET_FILE": str(secret),
+        "RELAY_OAUTH_TOKEN_URL": token_url,
+    }
     result = cli("check", env=env)
     assert result.returncode == 0, result.stderr
     assert f"ok  target default: OAuth token obtained from {token_url}" in result.stdout
@@ -647,16 +728,19 @@ def test_check_unreachable_database_is_exit_1_without_the_password() -> None:
 def test_error_details_never_carry_a_secret() -> None:
     settings = load_settings(
         None,
-        {"RELAY_DATABASE_URL": "postgresql://u:pw-secret@db.example/app?password=qp-secret",
-         "RELAY_API_TOKEN": "tok-secret"},
-    )  # fmt: skip
+        {
+            "RELAY_DATABASE_URL": "postgresql://u:pw-secret@db.example/app?password=qp-secret",
+            "RELAY_API_TOKEN": "tok-secret",
+        },
+    )
     said = scrub_secrets("failed for pw-secret, qp-secret and tok-secret", settings)
     assert said == "failed for ***, *** and ***"
 
 
 # -- help and formatting --------------------------------------------------------------------
-@pytest.mark.parametrize("command", [["status"], ["audit"], ["dead"], ["dead", "list"], ["dead", "retry"],
-                                     ["purge"], ["check"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command", [["status"], ["audit"], ["dead"], ["dead", "list"], ["dead", "retry"], ["purge"], ["check"]]
+)
 def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     result = cli(*command, "--help")
     assert result.returncode == 0
@@ -670,5 +754,13 @@ def test_clean_keeps_terminals_safe() -> None:
     assert report.clean(None) == "-"
     spans = (None, 0.25, 4.5, 42.9, 185, 3725, 7200, 30 * 86400, 86400 + 3600)
     assert [human_duration(s) for s in spans] == [
-        "-", "250ms", "4.5s", "43s", "3m05s", "1h02m", "2h", "30d", "1d01h"
+        "-",
+        "250ms",
+        "4.5s",
+        "43s",
+        "3m05s",
+        "1h02m",
+        "2h",
+        "30d",
+        "1d01h",
     ]

@@ -84,9 +84,12 @@ async def test_a_cancelled_statement_gives_back_its_slot_and_never_its_session(
         first = await _pid(pool)
         stuck = asyncio.create_task(_pid(pool, sleep=30))
         await until(
-            lambda: db.execute(
-                "select count(*) from pg_stat_activity where pid = %s and state = 'active'", (first,)
-            ).fetchone() == (1,),
+            lambda: (
+                db.execute(
+                    "select count(*) from pg_stat_activity where pid = %s and state = 'active'", (first,)
+                ).fetchone()
+                == (1,)
+            ),
             10,
             "the long statement to start on the server",
         )
@@ -97,7 +100,10 @@ async def test_a_cancelled_statement_gives_back_its_slot_and_never_its_session(
         second = await _pid(pool)  # the one slot is free again, on a new session
         assert second != first
         await until(
-            lambda: db.execute("select count(*) from pg_stat_activity where pid = %s", (first,)).fetchone() == (0,),
+            lambda: (
+                db.execute("select count(*) from pg_stat_activity where pid = %s", (first,)).fetchone()
+                == (0,)
+            ),
             10,
             "the cancelled session to be closed",
         )

@@ -31,7 +31,9 @@ async def _drain_40_rows(database_url: str, rate: int, seed: int, prefix: str) -
     batch 100) and a short lease (8 s); assert each was sent once; return the seconds it took."""
     total = 40
     with Sandbox(SandboxConfig(seed=seed)) as sb:
-        settings = relay_settings(database_url, sb.url, RELAY_RATE_LIMIT=str(rate), RELAY_MAX_CONCURRENCY="64")
+        settings = relay_settings(
+            database_url, sb.url, RELAY_RATE_LIMIT=str(rate), RELAY_MAX_CONCURRENCY="64"
+        )
         seed_rows(database_url, sample_updates(total, prefix=prefix))
         store = Store(settings.require_database_url())
         engine = Engine(settings, store)

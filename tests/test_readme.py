@@ -117,8 +117,11 @@ def test_every_schema_object_and_rule_is_documented() -> None:
         "outbox.enqueue_action_status",
     } <= objects
     internal = {
-        "outbox.validate_action_status_update", "outbox.notify_relay", "outbox.check_state_transition",
-        "outbox.record_requeue", "outbox.refuse_history_change",
+        "outbox.validate_action_status_update",
+        "outbox.notify_relay",
+        "outbox.check_state_transition",
+        "outbox.record_requeue",
+        "outbox.refuse_history_change",
     }  # trigger functions
     surface = section("The SQL surface")
     assert sorted(o for o in objects - internal if f"`{o}" not in surface) == []
@@ -191,5 +194,3 @@ def test_every_sql_example_runs_as_documented(database_url: str) -> None:
 
 class _Rollback(Exception):
     pass
-
-

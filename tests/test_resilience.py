@@ -155,9 +155,12 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
                 interval=0.01,
             )
             assert reached and proc.poll() is None, f"relay {i} stopped or stalled:\n{_tail(log)}"
-            in_flight_before.append(_scalar(
-                database_url, "select count(*) from outbox.action_status_updates where state = 'in_flight'"
-            ))  # fmt: skip
+            in_flight_before.append(
+                _scalar(
+                    database_url,
+                    "select count(*) from outbox.action_status_updates where state = 'in_flight'",
+                )
+            )
             proc.kill()
             assert proc.wait(10) == -signal.SIGKILL
             # The process is gone: the rows still claimed by it are exactly what it held.
@@ -223,10 +226,12 @@ def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
         duplicates = sandbox.duplicates
         _check_bodies(sandbox, updates)
 
-    per_relay = dict(_query(
-        database_url,
-        "select relay_id, count(*) from outbox.delivery_attempts group by relay_id order by relay_id",
-    ))  # fmt: skip
+    per_relay = dict(
+        _query(
+            database_url,
+            "select relay_id, count(*) from outbox.delivery_attempts group by relay_id order by relay_id",
+        )
+    )
     outcomes = dict(_query(database_url, "select outcome, count(*) from outbox.delivery_attempts group by 1"))
     pids = {f":{p.pid}" for p in procs}
     print(
@@ -384,18 +389,28 @@ def test_sigterm_mid_drain_exits_0_in_time_and_leaves_nothing_in_flight(
     log = tmp_path / "relay.log"
     with _sandbox(latency=latency) as sandbox, _relays() as procs:
         env = relay_env(
-            database_url, sandbox.url,
-            RELAY_SHUTDOWN_TIMEOUT=str(shutdown_timeout), RELAY_REQUEST_TIMEOUT=str(latency + 4),
-            RELAY_LEASE=str(latency + 30), RELAY_MAX_CONCURRENCY=str(concurrency),
-        )  # fmt: skip
+            database_url,
+            sandbox.url,
+            RELAY_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+            RELAY_REQUEST_TIMEOUT=str(latency + 4),
+            RELAY_LEASE=str(latency + 30),
+            RELAY_MAX_CONCURRENCY=str(concurrency),
+        )
         proc = start_relay_process(env, log)
         procs.append(proc)
         # Requests are in flight: the sandbox has received `concurrency` PUTs it is sitting on.
         busy = wait_until(
-            lambda: _scalar(database_url, "select count(*) from outbox.action_status_updates "
-                            "where state = 'in_flight'") >= 2 * concurrency or proc.poll() is not None,
-            timeout=60, interval=0.05,
-        )  # fmt: skip
+            lambda: (
+                _scalar(
+                    database_url,
+                    "select count(*) from outbox.action_status_updates where state = 'in_flight'",
+                )
+                >= 2 * concurrency
+                or proc.poll() is not None
+            ),
+            timeout=60,
+            interval=0.05,
+        )
         assert busy and proc.poll() is None, _tail(log)
         if in_time:  # let a first wave finish so the signal lands while the second is in flight
             assert wait_until(lambda: len(sandbox.applied) >= concurrency, timeout=60, interval=0.02)
@@ -512,10 +527,13 @@ async def test_a_late_answer_after_the_lease_ran_out_is_discarded(database_url: 
             await asyncio.wait_for(held.answered.wait(), 30)  # A's PUT landed: 204, answer held
             assert sandbox.apply_count["late-1"] == 1
             expired = await _until(
-                lambda: _scalar(database_url, "select next_attempt_at < now() from "
-                                "outbox.action_status_updates where action_id = 'late-1'"),
+                lambda: _scalar(
+                    database_url,
+                    "select next_attempt_at < now() from "
+                    "outbox.action_status_updates where action_id = 'late-1'",
+                ),
                 within=30,
-            )  # fmt: skip
+            )
             assert expired
             # B claims the row whose lease ran out: outcome unknown, so the API's refusal means delivered.
             assert await asyncio.wait_for(engine_b.run_once(), 30) == 1
@@ -563,11 +581,47 @@ async def test_a_late_answer_after_the_lease_ran_out_is_discarded(database_url: 
 
 # -- 6. action ids that look like paths, queries, fragments ------------------------------------
 ODD_IDS = [
-    "a/b", "/leading", "trailing/", "a//b", "a?b=c", "?", "a#frag", "#", "a%2Fb", "%2F", "%", "%25",
-    "%zz", "..", ".", "...", "../../v1/orders", "./x", "x/..", "café", "日本", "🚀📦", "e\u0301",
-    "a+b", "a;b=c", "a&b", "a=b", "~user", "@host", "a:b", "[::1]", "a\\b", '"quoted"', "<tag>",
-    "{x}", "|", "^", "`", "'", "plain-id-123",
-]  # fmt: skip
+    "a/b",
+    "/leading",
+    "trailing/",
+    "a//b",
+    "a?b=c",
+    "?",
+    "a#frag",
+    "#",
+    "a%2Fb",
+    "%2F",
+    "%",
+    "%25",
+    "%zz",
+    "..",
+    ".",
+    "...",
+    "../../v1/orders",
+    "./x",
+    "x/..",
+    "café",
+    "日本",
+    "🚀📦",
+    "e\u0301",
+    "a+b",
+    "a;b=c",
+    "a&b",
+    "a=b",
+    "~user",
+    "@host",
+    "a:b",
+    "[::1]",
+    "a\\b",
+    '"quoted"',
+    "<tag>",
+    "{x}",
+    "|",
+    "^",
+    "`",
+    "'",
+    "plain-id-123",
+]
 
 
 async def test_odd_action_ids_travel_as_exactly_one_path_segment(database_url: str) -> None:

@@ -49,8 +49,10 @@ def logins(pg_server: Server) -> Iterator[Logins]:
 
 
 def url_as(database_url: str, login: str) -> str:
-    return make_url(database_url).set(username=login, password="not-a-secret").render_as_string(
-        hide_password=False
+    return (
+        make_url(database_url)
+        .set(username=login, password="not-a-secret")
+        .render_as_string(hide_password=False)
     )
 
 
@@ -111,7 +113,11 @@ FORBIDDEN: list[tuple[str, str, type[psycopg.Error]]] = [
     ("outbox_relay", U + "state = 'dead', dead_at = now() where action_id = 'p-1'", CHECK),
     ("outbox_relay", U + "last_error = 'x' where action_id = 'p-1'", CHECK),
     ("outbox_relay", U + "state = 'pending', delivered_at = null where action_id = 'v-1'", CHECK),
-    ("outbox_relay", U + "claim_token = gen_random_uuid(), claimed_by = 'thief' where action_id = 'f-1'", CHECK),
+    (
+        "outbox_relay",
+        U + "claim_token = gen_random_uuid(), claimed_by = 'thief' where action_id = 'f-1'",
+        CHECK,
+    ),
     ("outbox_relay", U + "attempts = 0, requests = 0 where action_id = 'v-1'", CHECK),
     ("outbox_relay", U + "state = 'pending', dead_at = null, attempts = 0 where action_id = 'd-1'", PRIV),
     ("outbox_relay", U + "requeue_reason = 'x' where action_id = 'd-1'", PRIV),
@@ -124,7 +130,11 @@ FORBIDDEN: list[tuple[str, str, type[psycopg.Error]]] = [
     ("outbox_relay", "update outbox.delivery_attempts set outcome = 'delivered'", PRIV),
     ("outbox_relay", "truncate outbox.delivery_attempts", PRIV),
     ("outbox_relay", ATTEMPT.format(extra=", db_role", value=", 'someone else'"), PRIV),
-    ("outbox_relay", "insert into outbox.action_status_updates (action_id, status) values ('x', 'SUCCESS')", PRIV),
+    (
+        "outbox_relay",
+        "insert into outbox.action_status_updates (action_id, status) values ('x', 'SUCCESS')",
+        PRIV,
+    ),
     ("outbox_relay", "select * from outbox.requeue_dead(0, 10, 'relay wants it')", PRIV),
     ("outbox_relay", "select outbox.enqueue_action_status('x', 'SUCCESS')", PRIV),
     ("outbox_relay", "select * from outbox.requeues", PRIV),
@@ -135,14 +145,22 @@ FORBIDDEN: list[tuple[str, str, type[psycopg.Error]]] = [
     ("outbox_writer", U + "state = 'dead', dead_at = now()", PRIV),
     ("outbox_writer", U + "attempts = 0", PRIV),
     ("outbox_writer", "delete from outbox.action_status_updates", PRIV),
-    ("outbox_writer", "insert into outbox.action_status_updates (action_id, status, state, delivered_at) "
-                      "values ('f', 'SUCCESS', 'delivered', now())", PRIV),
+    (
+        "outbox_writer",
+        "insert into outbox.action_status_updates (action_id, status, state, delivered_at) "
+        "values ('f', 'SUCCESS', 'delivered', now())",
+        PRIV,
+    ),
     ("outbox_writer", "insert into outbox.error_codes values ('MINE', '')", PRIV),
     ("outbox_writer", "select * from outbox.purge_finished('30 days', true, 10)", PRIV),
     ("outbox_writer", "select * from outbox.requeue_dead(0, 10, 'x')", PRIV),
     # the auditor: reads, writes nothing
     ("outbox_auditor", "select outbox.enqueue_action_status('a-9', 'SUCCESS')", PRIV),
-    ("outbox_auditor", "insert into outbox.action_status_updates (action_id, status) values ('a-9', 'SUCCESS')", PRIV),
+    (
+        "outbox_auditor",
+        "insert into outbox.action_status_updates (action_id, status) values ('a-9', 'SUCCESS')",
+        PRIV,
+    ),
     ("outbox_auditor", U + "last_error = 'x'", PRIV),
     ("outbox_auditor", U + "state = 'pending', dead_at = null where action_id = 'd-1'", PRIV),
     ("outbox_auditor", "delete from outbox.delivery_attempts", PRIV),
@@ -158,15 +176,23 @@ FORBIDDEN: list[tuple[str, str, type[psycopg.Error]]] = [
     ("outbox_operator", "delete from outbox.action_status_updates where action_id = 'v-1'", PRIV),
     ("outbox_operator", "delete from outbox.requeues", PRIV),
     ("outbox_operator", "update outbox.requeues set reason = 'x'", PRIV),
-    ("outbox_operator", "insert into outbox.requeues (update_id, action_id, target, requeued_at, requeued_by, "
-                        "attempts) select id, action_id, target, now(), 'someone', 0 "
-                        "from outbox.action_status_updates", PRIV),
+    (
+        "outbox_operator",
+        "insert into outbox.requeues (update_id, action_id, target, requeued_at, requeued_by, "
+        "attempts) select id, action_id, target, now(), 'someone', 0 "
+        "from outbox.action_status_updates",
+        PRIV,
+    ),
     ("outbox_operator", U + "state = 'delivered', delivered_at = now() where action_id = 'p-1'", PRIV),
     ("outbox_operator", U + "next_attempt_at = now() where action_id = 'p-1'", CHECK),
     ("outbox_operator", U + "state = 'pending' where action_id = 'v-1'", CHECK),
     ("outbox_operator", U + "requeued_by = 'someone else' where action_id = 'd-1'", PRIV),
     ("outbox_operator", U + "claim_token = null where action_id = 'f-1'", PRIV),
-    ("outbox_operator", "insert into outbox.action_status_updates (action_id, status) values ('o', 'SUCCESS')", PRIV),
+    (
+        "outbox_operator",
+        "insert into outbox.action_status_updates (action_id, status) values ('o', 'SUCCESS')",
+        PRIV,
+    ),
     ("outbox_operator", "select outbox.enqueue_action_status('o-9', 'SUCCESS')", PRIV),
     ("outbox_operator", "delete from outbox.error_codes where code = 'OTHER'", PRIV),
     # a login in no outbox role: nothing at all
@@ -179,9 +205,14 @@ FORBIDDEN: list[tuple[str, str, type[psycopg.Error]]] = [
 
 @pytest.mark.parametrize(("group", "sql", "refusal"), FORBIDDEN)
 def test_each_role_is_refused_what_it_must_not_do(
-    database_url: str, db: psycopg.Connection, seeded: dict[str, int], logins: Logins,
-    group: str, sql: str, refusal: type[psycopg.Error],
-) -> None:  # fmt: skip
+    database_url: str,
+    db: psycopg.Connection,
+    seeded: dict[str, int],
+    logins: Logins,
+    group: str,
+    sql: str,
+    refusal: type[psycopg.Error],
+) -> None:
     before = _everything(db)
     with psycopg.connect(url_as(database_url, logins[group]), autocommit=True) as conn:
         with pytest.raises(refusal) as caught:
@@ -203,9 +234,7 @@ def _everything(db: psycopg.Connection) -> list[tuple[object, ...]]:
     ).fetchall()
 
 
-def test_the_messages_say_what_was_refused(
-    database_url: str, seeded: dict[str, int], logins: Logins
-) -> None:
+def test_the_messages_say_what_was_refused(database_url: str, seeded: dict[str, int], logins: Logins) -> None:
     with psycopg.connect(url_as(database_url, logins["outbox_relay"]), autocommit=True) as relay:
         with pytest.raises(CHECK) as caught:
             relay.execute(U + "state = 'delivered', delivered_at = now() where action_id = 'p-1'")
@@ -226,7 +255,9 @@ def test_history_stays_append_only_even_for_a_role_granted_more_by_mistake(
 ) -> None:
     login = logins["outsider"]
     db.execute(f"grant usage on schema outbox to {login}")
-    db.execute(f"grant select, update, delete, truncate on outbox.delivery_attempts, outbox.requeues to {login}")
+    db.execute(
+        f"grant select, update, delete, truncate on outbox.delivery_attempts, outbox.requeues to {login}"
+    )
     before = _everything(db)
     with psycopg.connect(url_as(database_url, login), autocommit=True) as conn:
         for table, sql, verb in (
@@ -267,16 +298,32 @@ async def test_the_relay_claims_records_heartbeats_and_purges_with_only_its_role
         now = datetime.now(UTC)
         results = [
             RowResult(by_name["r-ok"].id, token, "delivered", charged=1, requests=1, http_status=204),
-            RowResult(by_name["r-dead"].id, token, "dead", charged=1, requests=1, http_status=400,
-                      last_error="HTTP 400 INVALID_INPUT"),
-            RowResult(by_name["r-retry"].id, token, "pending", retry_at=now + timedelta(minutes=5), charged=1,
-                      requests=1, http_status=503, last_error="HTTP 503"),
-        ]  # fmt: skip
+            RowResult(
+                by_name["r-dead"].id,
+                token,
+                "dead",
+                charged=1,
+                requests=1,
+                http_status=400,
+                last_error="HTTP 400 INVALID_INPUT",
+            ),
+            RowResult(
+                by_name["r-retry"].id,
+                token,
+                "pending",
+                retry_at=now + timedelta(minutes=5),
+                charged=1,
+                requests=1,
+                http_status=503,
+                last_error="HTTP 503",
+            ),
+        ]
         attempts = [
             AttemptRecord(r.id, token, name, "default", 1, now, 3.0, r.http_status, outcome, None, None, None)
-            for r, name, outcome in zip(results, ("r-ok", "r-dead", "r-retry"), ("delivered", "dead", "retry"),
-                                        strict=True)
-        ]  # fmt: skip
+            for r, name, outcome in zip(
+                results, ("r-ok", "r-dead", "r-retry"), ("delivered", "dead", "retry"), strict=True
+            )
+        ]
         assert await store.record(results, attempts, "relay-t") == 3
         stale = RowResult(seeded["f-1"], token, "delivered", charged=1, requests=1)  # not its claim
         assert await store.record([stale], [], "relay-t") == 0
@@ -285,14 +332,26 @@ async def test_the_relay_claims_records_heartbeats_and_purges_with_only_its_role
         await store.forget_relay("relay-t")
     finally:
         await store.close()
-    states: dict[str, str] = dict(db.execute("select action_id, state from outbox.action_status_updates").fetchall())
-    assert states == {"p-1": "in_flight", "f-1": "in_flight", "r-ok": "delivered", "r-dead": "dead",
-                      "r-retry": "pending", "r-lost": "in_flight"}  # fmt: skip
+    states: dict[str, str] = dict(
+        db.execute("select action_id, state from outbox.action_status_updates").fetchall()
+    )
+    assert states == {
+        "p-1": "in_flight",
+        "f-1": "in_flight",
+        "r-ok": "delivered",
+        "r-dead": "dead",
+        "r-retry": "pending",
+        "r-lost": "in_flight",
+    }
     written = db.execute(
         "select action_id, outcome, db_role, relay_id from outbox.delivery_attempts order by action_id"
     ).fetchall()
-    assert written == [("r-dead", "dead", login, "relay-t"), ("r-lost", "unknown", login, "relay-gone"),
-                       ("r-ok", "delivered", login, "relay-t"), ("r-retry", "retry", login, "relay-t")]  # fmt: skip
+    assert written == [
+        ("r-dead", "dead", login, "relay-t"),
+        ("r-lost", "unknown", login, "relay-gone"),
+        ("r-ok", "delivered", login, "relay-t"),
+        ("r-retry", "retry", login, "relay-t"),
+    ]
     assert db.execute("select count(*) from outbox.relay_targets").fetchone() == (0,)
 
 
@@ -324,7 +383,9 @@ async def test_the_operator_requeues_and_purges_and_the_database_names_who(
     store = Store(Secret(url_as(database_url, login)), pool_size=1)
     try:
         assert [r["action_id"] for r in await store.dead_list()] == ["d-1"]
-        done = await retry_dead(store, action_ids=["d-1"], target=None, code="invalid_input", reason="fixed (by x)")
+        done = await retry_dead(
+            store, action_ids=["d-1"], target=None, code="invalid_input", reason="fixed (by x)"
+        )
         assert (done.count, done.action_ids) == (1, {"d-1"})
         assert await purge(store, 86400.0, True, 10) == 1  # v-1; d-1 is pending again
     finally:
@@ -343,27 +404,46 @@ async def test_the_operator_requeues_and_purges_and_the_database_names_who(
     audit = db.execute("select requeued_by from outbox.delivery_audit where action_id = 'd-1'").fetchone()
     assert audit == (login,)
     assert db.execute("select action_id from outbox.action_status_updates order by 1").fetchall() == [
-        ("d-1",), ("f-1",), ("p-1",)
+        ("d-1",),
+        ("f-1",),
+        ("p-1",),
     ]
     with psycopg.connect(url_as(database_url, login), autocommit=True) as conn:
         conn.execute("insert into outbox.error_codes (code, description) values ('PARCEL_LOST', 'lost')")
-        for table in ("action_status_updates", "delivery_attempts", "requeues", "relay_targets", "delivery_audit",
-                      "error_codes", "schema_migrations"):  # fmt: skip
+        for table in (
+            "action_status_updates",
+            "delivery_attempts",
+            "requeues",
+            "relay_targets",
+            "delivery_audit",
+            "error_codes",
+            "schema_migrations",
+        ):
             conn.execute(f"select * from outbox.{table}")
 
 
 def test_the_writer_enqueues_and_reads_state(database_url: str, logins: Logins) -> None:
     with psycopg.connect(url_as(database_url, logins["outbox_writer"]), autocommit=True) as conn:
-        conn.execute("select outbox.enqueue_action_status('w-1', 'FAILED', '[{\"code\":\"OTHER\",\"message\":\"m\"}]')")
+        conn.execute(
+            'select outbox.enqueue_action_status(\'w-1\', \'FAILED\', \'[{"code":"OTHER","message":"m"}]\')'
+        )
         conn.execute("insert into outbox.action_status_updates (action_id, status) values ('w-2', 'SUCCESS')")
         rows = conn.execute("select action_id, state, attempts from outbox.action_status_updates order by id")
         assert rows.fetchall() == [("w-1", "pending", 0), ("w-2", "pending", 0)]
 
 
 @pytest.mark.parametrize(
-    "table", ["action_status_updates", "delivery_attempts", "delivery_audit", "error_codes", "schema_migrations",
-              "relay_targets", "requeues"],
-)  # fmt: skip
+    "table",
+    [
+        "action_status_updates",
+        "delivery_attempts",
+        "delivery_audit",
+        "error_codes",
+        "schema_migrations",
+        "relay_targets",
+        "requeues",
+    ],
+)
 def test_the_auditor_reads_everything(
     database_url: str, seeded: dict[str, int], logins: Logins, table: str
 ) -> None:
@@ -398,8 +478,11 @@ async def test_a_database_at_0002_with_data_migrates_to_0003_and_keeps_working(
                 await session.apply(m.version, m.name, m.checksum, m.sql)
         with psycopg.connect(empty_database_url, autocommit=True) as db:
             ids = seed(db)
-            db.execute("update outbox.action_status_updates set requeue_reason = 'old reason (by ops)' "
-                       "where id = %s", (ids["d-1"],))  # fmt: skip
+            db.execute(
+                "update outbox.action_status_updates set requeue_reason = 'old reason (by ops)' "
+                "where id = %s",
+                (ids["d-1"],),
+            )
             relay_could_delete = db.execute(
                 "select has_table_privilege('outbox_relay', 'outbox.action_status_updates', 'DELETE')"
             ).fetchone()
@@ -413,11 +496,15 @@ async def test_a_database_at_0002_with_data_migrates_to_0003_and_keeps_working(
         kept = db.execute(
             "select action_id, state, requeue_reason, requeued_by from outbox.action_status_updates order by 1"
         ).fetchall()
-        assert kept == [("d-1", "dead", "old reason (by ops)", None), ("f-1", "in_flight", None, None),
-                        ("p-1", "pending", None, None), ("v-1", "delivered", None, None)]  # fmt: skip
-        assert db.execute("select action_id, db_role from outbox.delivery_attempts order by 1").fetchall() == [
-            ("d-1", None), ("v-1", None)
-        ]  # written before 0003: no role is made up for them
+        assert kept == [
+            ("d-1", "dead", "old reason (by ops)", None),
+            ("f-1", "in_flight", None, None),
+            ("p-1", "pending", None, None),
+            ("v-1", "delivered", None, None),
+        ]
+        assert db.execute(
+            "select action_id, db_role from outbox.delivery_attempts order by 1"
+        ).fetchall() == [("d-1", None), ("v-1", None)]  # written before 0003: no role is made up for them
         privileges = db.execute(
             """select has_table_privilege('outbox_relay', 'outbox.action_status_updates', 'DELETE'),
                       has_table_privilege('outbox_relay', 'outbox.delivery_attempts', 'DELETE'),
@@ -432,8 +519,20 @@ async def test_a_database_at_0002_with_data_migrates_to_0003_and_keeps_working(
         claimed = await relay.claim("default", 10, 30.0, token, "relay-m")
         assert [row.action_id for row in claimed] == ["p-1"]
         result = RowResult(claimed[0].id, token, "delivered", charged=1, requests=1, http_status=204)
-        attempt = AttemptRecord(claimed[0].id, token, "p-1", "default", 1, datetime.now(UTC), 2.0, 204, "delivered",
-                                None, None, None)  # fmt: skip
+        attempt = AttemptRecord(
+            claimed[0].id,
+            token,
+            "p-1",
+            "default",
+            1,
+            datetime.now(UTC),
+            2.0,
+            204,
+            "delivered",
+            None,
+            None,
+            None,
+        )
         assert await relay.record([result], [attempt], "relay-m") == 1
     finally:
         await relay.close()
@@ -445,6 +544,10 @@ async def test_a_database_at_0002_with_data_migrates_to_0003_and_keeps_working(
     finally:
         await operator.close()
     with psycopg.connect(empty_database_url, autocommit=True) as db:
-        assert db.execute("select action_id, state, requeued_by from outbox.action_status_updates order by 1"
-                          ).fetchall() == [("d-1", "pending", logins["outbox_operator"]), ("f-1", "in_flight", None),
-                                           ("p-1", "delivered", None)]  # fmt: skip
+        assert db.execute(
+            "select action_id, state, requeued_by from outbox.action_status_updates order by 1"
+        ).fetchall() == [
+            ("d-1", "pending", logins["outbox_operator"]),
+            ("f-1", "in_flight", None),
+            ("p-1", "delivered", None),
+        ]

@@ -170,10 +170,19 @@ def test_a_put_without_a_valid_token_gets_401(sandbox: Sandbox, authorization: s
         (b"", "$"),
     ],
     ids=[
-        "failed-no-errors", "failed-empty-errors", "success-with-errors", "unknown-code",
-        "empty-message", "missing-message", "error-not-object", "bad-status", "array", "not-json", "empty",
+        "failed-no-errors",
+        "failed-empty-errors",
+        "success-with-errors",
+        "unknown-code",
+        "empty-message",
+        "missing-message",
+        "error-not-object",
+        "bad-status",
+        "array",
+        "not-json",
+        "empty",
     ],
-)  # fmt: skip
+)
 def test_an_invalid_body_gets_400_invalid_input(
     sandbox: Sandbox, client: httpx.Client, body: Any, field: str
 ) -> None:
@@ -592,20 +601,52 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_command_line_options_build_the_config() -> None:
     config = config_from_args(
         parse(
-            "--port", "0", "--token", "t1", "--token", "t2", "--oauth-client", "id:se:cret",
-            "--token-lifetime", "2.5", "--unknown-prefix", "x-", "--p503", "0.1", "--p429", "0.2",
-            "--retry-after", "4", "--p-close", "0.3", "--p-apply-500", "0.4", "--p-apply-hang", "0.5",
-            "--hang-seconds", "6", "--latency-ms", "250", "--seed", "9",
+            "--port",
+            "0",
+            "--token",
+            "t1",
+            "--token",
+            "t2",
+            "--oauth-client",
+            "id:se:cret",
+            "--token-lifetime",
+            "2.5",
+            "--unknown-prefix",
+            "x-",
+            "--p503",
+            "0.1",
+            "--p429",
+            "0.2",
+            "--retry-after",
+            "4",
+            "--p-close",
+            "0.3",
+            "--p-apply-500",
+            "0.4",
+            "--p-apply-hang",
+            "0.5",
+            "--hang-seconds",
+            "6",
+            "--latency-ms",
+            "250",
+            "--seed",
+            "9",
         )
-    )  # fmt: skip
+    )
 
     assert config.tokens == ("t1", "t2")
     assert dict(config.oauth_clients) == {"id": "se:cret"}
     assert (config.port, config.token_lifetime, config.unknown_prefix, config.seed) == (0, 2.5, "x-", 9)
     assert config.faults == Faults(
-        p503=0.1, p429=0.2, retry_after=4, p_close=0.3, p_apply_500=0.4, p_apply_hang=0.5,
-        hang_seconds=6.0, latency=0.25,
-    )  # fmt: skip
+        p503=0.1,
+        p429=0.2,
+        retry_after=4,
+        p_close=0.3,
+        p_apply_500=0.4,
+        p_apply_hang=0.5,
+        hang_seconds=6.0,
+        latency=0.25,
+    )
     defaults = config_from_args(parse())
     assert (defaults.port, defaults.tokens) == (8080, (DEFAULT_TOKEN,))
     assert dict(defaults.oauth_clients) == {DEFAULT_CLIENT_ID: DEFAULT_CLIENT_SECRET}
@@ -638,8 +679,12 @@ def test_run_from_args_serves_until_sigterm_and_prints_a_summary() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
         [sys.executable, "-c", script, "--port", "0", "--token", "cli-token"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-    ) as process:  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    ) as process:
         assert process.stdout is not None
         banner = process.stdout.readline()
         match = re.search(r"base URL (http://127\.0\.0\.1:\d+)", banner)

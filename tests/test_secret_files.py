@@ -18,8 +18,10 @@ def _write(path: Path, text: str, mode: int) -> Path:
 
 
 def _refused(path: Path, name: str, mode: int) -> str:
-    return (f"outbox-relay: {name}: {path} has mode {mode:04o}, refused: group or other users can access "
-            f"it; run chmod 600 {path}\n")  # fmt: skip
+    return (
+        f"outbox-relay: {name}: {path} has mode {mode:04o}, refused: group or other users can access "
+        f"it; run chmod 600 {path}\n"
+    )
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602])
@@ -39,8 +41,11 @@ def test_a_private_token_file_is_accepted(tmp_path: Path, mode: int) -> None:
 
 def test_every_kind_of_secret_file_is_checked(tmp_path: Path) -> None:
     secret = _write(tmp_path / "client-secret", "s3cret\n", 0o644)
-    config = _write(tmp_path / "relay.toml", f'[targets.eu]\noauth_client_id = "id"\n'
-                    f'oauth_client_secret_file = "{secret}"\n', 0o644)  # fmt: skip
+    config = _write(
+        tmp_path / "relay.toml",
+        f'[targets.eu]\noauth_client_id = "id"\noauth_client_secret_file = "{secret}"\n',
+        0o644,
+    )
     result = cli("--config", str(config), "check")
     assert (result.returncode, result.stderr) == (
         2,
@@ -108,7 +113,11 @@ def test_an_inline_secret_in_a_private_or_group_readable_config_is_accepted(
 
 def test_a_world_readable_config_without_inline_secrets_is_fine(tmp_path: Path) -> None:
     token = _write(tmp_path / "token", "tok\n", 0o600)
-    config = _write(tmp_path / "relay.toml", f'database_url = "postgresql://relay@db/app"\n'
-                    f'proxy = "https://proxy.example.com"\n[targets.default]\ntoken_file = "{token}"\n', 0o644)  # fmt: skip
+    config = _write(
+        tmp_path / "relay.toml",
+        f'database_url = "postgresql://relay@db/app"\n'
+        f'proxy = "https://proxy.example.com"\n[targets.default]\ntoken_file = "{token}"\n',
+        0o644,
+    )
     loaded = load_settings(str(config), {})
     assert loaded.targets["default"].token is not None and loaded.targets["default"].token.reveal() == "tok"

@@ -312,7 +312,8 @@ async def test_a_401_when_the_token_cannot_be_renewed_is_never_the_rows_own(
     assert refused and {status for _, status in refused} == {401}, refused
     assert "retry" not in {outcome for outcome, _ in refused}, refused  # none judged the row's own
     charged = rows(
-        database_url, "select count(*) from outbox.action_status_updates where action_id like 'expired-%%' and attempts > 0"
+        database_url,
+        "select count(*) from outbox.action_status_updates where action_id like 'expired-%%' and attempts > 0",
     )
     assert charged == [(0,)]
     assert lane.breaker.state == BreakerState.OPEN
@@ -695,10 +696,18 @@ async def test_secrets_never_leak(database_url: str, tmp_path: Path, auth: str, 
         relay_done = time.monotonic()
         # The operators' commands, once per auth kind (the log format does not change them).
         ops_env = {k: v for k, v in env.items() if k != "WATCHDOG_USEC"}
-        commands = [
-            ("status",), ("status", "--json"), ("audit", "e401-000000"), ("audit", "e500-000000", "--json"),
-            ("dead", "list", "--json"), ("check",),
-        ] if log_format == "text" else []  # fmt: skip
+        commands = (
+            [
+                ("status",),
+                ("status", "--json"),
+                ("audit", "e401-000000"),
+                ("audit", "e500-000000", "--json"),
+                ("dead", "list", "--json"),
+                ("check",),
+            ]
+            if log_format == "text"
+            else []
+        )
         results = await asyncio.gather(*(asyncio.to_thread(cli, *args, env=ops_env) for args in commands))
         for args, result in zip(commands, results, strict=True):
             assert result.returncode == 0, (args, result.stderr)
@@ -822,7 +831,12 @@ def test_only_loopback_hosts_may_use_plain_http(url: str, allowed: bool) -> None
 
 # -- 9. Credentials are sane at load; proxies are explicit and checked like base URLs -----------
 
-BAD_TOKENS = {"crlf": "tok\r\nX-Injected: 1", "non-ascii": "t\u00e9k-secret", "space": "tok secret", "nul": "tok\x00x"}
+BAD_TOKENS = {
+    "crlf": "tok\r\nX-Injected: 1",
+    "non-ascii": "t\u00e9k-secret",
+    "space": "tok secret",
+    "nul": "tok\x00x",
+}
 
 
 def _one_line_naming(exc: ConfigError, setting: str, value: str) -> None:
@@ -832,7 +846,14 @@ def _one_line_naming(exc: ConfigError, setting: str, value: str) -> None:
     assert value not in text and value.strip() not in text
 
 
-TOKEN_SOURCES = ["RELAY_API_TOKEN", "toml token", "token_file", "credential", "RELAY_OAUTH_CLIENT_ID", "toml client id"]
+TOKEN_SOURCES = [
+    "RELAY_API_TOKEN",
+    "toml token",
+    "token_file",
+    "credential",
+    "RELAY_OAUTH_CLIENT_ID",
+    "toml client id",
+]
 
 
 @pytest.mark.parametrize(
@@ -871,7 +892,9 @@ def test_tokens_and_client_ids_must_be_printable_ascii(tmp_path: Path, source: s
         config.write_text("[targets.eu]\n")
         env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "creds")
         setting = "credential eu.api-token"
-    with pytest.raises(ConfigError, match="must be printable ASCII without spaces or control characters") as info:
+    with pytest.raises(
+        ConfigError, match="must be printable ASCII without spaces or control characters"
+    ) as info:
         load_settings(str(config) if config.exists() else None, env)
     _one_line_naming(info.value, setting, value)
 
@@ -910,7 +933,9 @@ def test_a_secret_file_that_is_not_text_is_refused(tmp_path: Path, content: byte
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize("token", ["tok\r\nX-Injected: 1", "t\u00e9k-secret"], ids=["crlf", "non-ascii"])
 def test_a_bad_token_is_one_line_and_exit_2_without_the_token(command: str, token: str) -> None:
-    result = cli(command, env={"RELAY_API_TOKEN": token, "RELAY_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"})
+    result = cli(
+        command, env={"RELAY_API_TOKEN": token, "RELAY_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}
+    )
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
@@ -928,7 +953,10 @@ def test_a_bad_token_is_one_line_and_exit_2_without_the_token(command: str, toke
         ("http://[::1]:3128/", None),
         ("https://proxy.example.com:8443", None),
         ("https://relay:pr0xy-pw@proxy.example.com", None),
-        ("http://relay:pr0xy-pw@proxy.example.com:3128", "plain http:// is refused for non-loopback proxy host"),
+        (
+            "http://relay:pr0xy-pw@proxy.example.com:3128",
+            "plain http:// is refused for non-loopback proxy host",
+        ),
         ("socks5://relay:pr0xy-pw@127.0.0.1:1080", "expected an https:// proxy URL"),
         ("proxy.example.com:3128", "expected an https:// proxy URL"),
         ("https://relay:pr0xy-pw@proxy.example.com:99999", "expected https://[user:password@]host[:port]"),
@@ -966,4 +994,6 @@ def test_the_top_level_proxy_is_every_targets_default(tmp_path: Path) -> None:
     }
     env = {"RELAY_PROXY": "http://127.0.0.1:3128", "HTTPS_PROXY": "https://ignored.example.com"}
     assert load_settings(None, env).targets["default"].proxy == Secret("http://127.0.0.1:3128")
-    assert load_settings(None, {"HTTPS_PROXY": "https://ignored.example.com"}).targets["default"].proxy is None
+    assert (
+        load_settings(None, {"HTTPS_PROXY": "https://ignored.example.com"}).targets["default"].proxy is None
+    )

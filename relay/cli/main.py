@@ -159,42 +159,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Handler, help_text: str, description: str = "") -> _Parser:
         p: _Parser = sub.add_parser(
-            name, help=help_text, description=description or help_text,
+            name,
+            help=help_text,
+            description=description or help_text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
+        )
         p.set_defaults(handler=handler)
         return p
 
     p = command(
-        "migrate", cmd_migrate, "create or upgrade the outbox schema",
+        "migrate",
+        cmd_migrate,
+        "create or upgrade the outbox schema",
         "Apply the pending schema/ migrations in order, one transaction each, under an advisory\n"
         "lock (concurrent runs are safe). Running it again is a no-op.",
-    )  # fmt: skip
+    )
     p.add_argument("--dry-run", action="store_true", help="only list the migrations that would run")
 
     p = command(
-        "enqueue", cmd_enqueue, "write one update, as an application would",
+        "enqueue",
+        cmd_enqueue,
+        "write one update, as an application would",
         "Write one outcome through outbox.enqueue_action_status. An identical repeat is a no-op;\n"
         "a different outcome for the same action is refused.\n\n"
         "example:\n  outbox-relay enqueue 1ba5fc4b-c4fd --status FAILED \\\n"
         "      --error ORDER_IN_WRONG_STATE='already shipped'",
-    )  # fmt: skip
+    )
     p.add_argument("action_id", metavar="ACTION_ID", help="the action id from the command event")
     p.add_argument(
         "--status", required=True, choices=["SUCCESS", "FAILED"], help="the action's final outcome"
     )
     p.add_argument(
-        "--error", action="append", type=_error_arg, metavar="CODE=MESSAGE",
+        "--error",
+        action="append",
+        type=_error_arg,
+        metavar="CODE=MESSAGE",
         help="an error of a FAILED outcome (repeatable); CODE must be in outbox.error_codes",
-    )  # fmt: skip
+    )
     p.add_argument("--target", default=DEFAULT_TARGET, help="API target name (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the new row as JSON")
 
     command(
-        "run", lazy("relay.service.daemon", "cmd_run"), "run the relay daemon",
+        "run",
+        lazy("relay.service.daemon", "cmd_run"),
+        "run the relay daemon",
         "Claim pending updates, PUT them to the API, record every attempt. Stops cleanly on\n"
         "SIGTERM/SIGINT: in-flight requests finish within shutdown_timeout, the rest is released.",
-    )  # fmt: skip
+    )
     commands.register(command)
     for name, module, help_text in LAZY_COMMANDS:
         sub.add_parser(

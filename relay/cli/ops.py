@@ -180,13 +180,32 @@ def render_status(data: Status) -> str:
             paused = f"paused {human_duration(t['paused_seconds'])}"
             state = paused if t["paused"] else "serving" if t["served_by"] else "-"
             state = "UNSERVED" if state == "-" and waiting else state
-            rows.append([
-                t["target"], t["pending"], t["in_flight"], t["delivered"], t["dead"],
-                human_duration(t["oldest_pending_seconds"]), t["delivered_last_hour"], t["dead_last_hour"],
-                ", ".join(t["served_by"]) or "-", state,
-            ])  # fmt: skip
-        headers = ["TARGET", "PENDING", "IN FLIGHT", "DELIVERED", "DEAD", "OLDEST", "DELIVERED 1H", "DEAD 1H",
-                   "SERVED BY", "STATE"]  # fmt: skip
+            rows.append(
+                [
+                    t["target"],
+                    t["pending"],
+                    t["in_flight"],
+                    t["delivered"],
+                    t["dead"],
+                    human_duration(t["oldest_pending_seconds"]),
+                    t["delivered_last_hour"],
+                    t["dead_last_hour"],
+                    ", ".join(t["served_by"]) or "-",
+                    state,
+                ]
+            )
+        headers = [
+            "TARGET",
+            "PENDING",
+            "IN FLIGHT",
+            "DELIVERED",
+            "DEAD",
+            "OLDEST",
+            "DELIVERED 1H",
+            "DEAD 1H",
+            "SERVED BY",
+            "STATE",
+        ]
         lines.append(report.table(headers, rows))
     notes = []
     for t in data["targets"]:
@@ -200,8 +219,10 @@ def render_status(data: Status) -> str:
         lines += ["", *notes]
     lines.append("")
     if data["relays"]:
-        rows = [[r["relay_id"], ", ".join(r["targets"]), human_duration(r["heartbeat_age_seconds"]) + " ago"]
-                for r in data["relays"]]  # fmt: skip
+        rows = [
+            [r["relay_id"], ", ".join(r["targets"]), human_duration(r["heartbeat_age_seconds"]) + " ago"]
+            for r in data["relays"]
+        ]
         lines.append(report.table(["RELAY", "TARGETS", "HEARTBEAT"], rows))
     else:
         lines.append(f"no live relays (none with a heartbeat in the last {human_duration(FRESH_HEARTBEAT)})")
@@ -242,17 +263,38 @@ def render_audit(entries: list[AuditEntry]) -> str:
     blocks = []
     for entry in entries:
         u = entry["update"]
-        text = [f"update {u['id']}: action {report.clean(u['action_id'])} for target {u['target']}",
-                report.fields(u)]  # fmt: skip
+        text = [
+            f"update {u['id']}: action {report.clean(u['action_id'])} for target {u['target']}",
+            report.fields(u),
+        ]
         if entry["attempts"]:
             rows = [
-                [a["attempt"], report.when(a["started_at"]), round(a["duration_ms"]), a["http_status"],
-                 a["reached_api"], a["outcome"], a["error_code"], a["relay_id"],
-                 report.clean(a["error_message"], 60), report.clean(a["response_body"], 60)]
+                [
+                    a["attempt"],
+                    report.when(a["started_at"]),
+                    round(a["duration_ms"]),
+                    a["http_status"],
+                    a["reached_api"],
+                    a["outcome"],
+                    a["error_code"],
+                    a["relay_id"],
+                    report.clean(a["error_message"], 60),
+                    report.clean(a["response_body"], 60),
+                ]
                 for a in entry["attempts"]
-            ]  # fmt: skip
-            headers = ["#", "STARTED", "MS", "HTTP", "REACHED API", "OUTCOME", "CODE", "RELAY", "MESSAGE",
-                       "RESPONSE BODY"]  # fmt: skip
+            ]
+            headers = [
+                "#",
+                "STARTED",
+                "MS",
+                "HTTP",
+                "REACHED API",
+                "OUTCOME",
+                "CODE",
+                "RELAY",
+                "MESSAGE",
+                "RESPONSE BODY",
+            ]
             text += ["", report.table(headers, rows, indent="  ")]
         else:
             text += ["", "  no attempts yet"]
@@ -306,11 +348,24 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no dead updates" + (" match" if args.since or args.target or args.code else ""))
         return 0
-    table = [[report.when(r["dead_at"]), r["target"], report.clean(r["action_id"], 40), r["status"],
-              r["attempts"], r["last_http_status"], r["last_error_code"], report.clean(r["last_error"], 70)]
-             for r in rows]  # fmt: skip
-    print(report.table(["DEAD AT", "TARGET", "ACTION ID", "STATUS", "ATTEMPTS", "HTTP", "CODE", "LAST ERROR"],
-                       table))  # fmt: skip
+    table = [
+        [
+            report.when(r["dead_at"]),
+            r["target"],
+            report.clean(r["action_id"], 40),
+            r["status"],
+            r["attempts"],
+            r["last_http_status"],
+            r["last_error_code"],
+            report.clean(r["last_error"], 70),
+        ]
+        for r in rows
+    ]
+    print(
+        report.table(
+            ["DEAD AT", "TARGET", "ACTION ID", "STATUS", "ATTEMPTS", "HTTP", "CODE", "LAST ERROR"], table
+        )
+    )
     more = f"; the newest {args.limit} are shown, --limit N for more" if len(rows) == args.limit else ""
     print(f"\n{len(rows)} dead update(s){more}. Re-queue: outbox-relay dead retry ACTION_ID ... | --all")
     return 0
@@ -390,8 +445,10 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
         updates, attempts = run_with_store(
             settings, lambda s: s.purge_count(args.older_than, args.include_dead)
         )
-        print(f"would purge {updates} {what} update(s) older than {span} with {attempts} attempt(s) "
-              "(dry run: nothing changed)")  # fmt: skip
+        print(
+            f"would purge {updates} {what} update(s) older than {span} with {attempts} attempt(s) "
+            "(dry run: nothing changed)"
+        )
         return 0
     seen: list[str] = []
     attempts_total = 0
@@ -409,8 +466,10 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     total = run_with_store(
         settings, lambda s: purge(s, args.older_than, args.include_dead, args.batch_size, progress=progress)
     )
-    print(f"purged {total} {what} update(s) older than {span} and {attempts_total} attempt(s) "
-          f"in {len(seen)} batch(es)")  # fmt: skip
+    print(
+        f"purged {total} {what} update(s) older than {span} and {attempts_total} attempt(s) "
+        f"in {len(seen)} batch(es)"
+    )
     return 0
 
 

@@ -110,9 +110,7 @@ class ApiClient:
     The caller bounds concurrency; this class never holds more clients than were busy at once.
     """
 
-    def __init__(
-        self, target: TargetSettings, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, target: TargetSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.target = target
         self._transport = transport
         self._ssl = ssl_context(target)

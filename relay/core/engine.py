@@ -392,16 +392,29 @@ class Engine:
             return self._release(row), []
         started_at, start, number = sending
         attempt = AttemptRecord(
-            update_id=row.id, claim_token=row.token, action_id=row.action_id, target=lane.name,
-            attempt=number, started_at=started_at, duration_ms=(time.perf_counter() - start) * 1000.0,
-            http_status=None, outcome="unknown", error_code=code, reached_api="maybe",
+            update_id=row.id,
+            claim_token=row.token,
+            action_id=row.action_id,
+            target=lane.name,
+            attempt=number,
+            started_at=started_at,
+            duration_ms=(time.perf_counter() - start) * 1000.0,
+            http_status=None,
+            outcome="unknown",
+            error_code=code,
+            reached_api="maybe",
             error_message=f"the request was {why} before its answer arrived; it may have reached the API",
             response_body=None,
-        )  # fmt: skip
+        )
         result = RowResult(
-            row.id, row.token, "pending", self.clock(), requests=number - row.requests, unknown=True,
+            row.id,
+            row.token,
+            "pending",
+            self.clock(),
+            requests=number - row.requests,
+            unknown=True,
             last_error=attempt.error_message,
-        )  # fmt: skip
+        )
         return result, [attempt]
 
     def _needs(self, lane: Lane) -> float:
@@ -456,9 +469,14 @@ class Engine:
                 if fresh and fresh != token:
                     if self._left(row) < self._needs(lane) or self._stopping:  # the renewal took long
                         released = RowResult(
-                            row.id, row.token, "pending", self.clock(), requests=len(attempts),
-                            http_status=sent.answer.status, last_error=decision.reason,
-                        )  # fmt: skip
+                            row.id,
+                            row.token,
+                            "pending",
+                            self.clock(),
+                            requests=len(attempts),
+                            http_status=sent.answer.status,
+                            last_error=decision.reason,
+                        )
                         return released, attempts
                     sent, begun = await self._send(lane, row, body, fresh, len(attempts))
                 # A refusal met without a token that works is the target's, never the row's own,
@@ -528,10 +546,16 @@ class Engine:
         self, lane: Lane, row: ClaimedRow, decision: Decision, requests: int, status: int | None
     ) -> RowResult:
         result = RowResult(
-            row.id, row.token, "pending", decision.retry_at,
-            charged=1 if decision.charged else 0, requests=requests, unknown=decision.outcome_unknown,
-            http_status=status, last_error=None if decision.verdict == Verdict.DELIVERED else decision.reason,
-        )  # fmt: skip
+            row.id,
+            row.token,
+            "pending",
+            decision.retry_at,
+            charged=1 if decision.charged else 0,
+            requests=requests,
+            unknown=decision.outcome_unknown,
+            http_status=status,
+            last_error=None if decision.verdict == Verdict.DELIVERED else decision.reason,
+        )
         if decision.verdict in (Verdict.DELIVERED, Verdict.DEAD):
             lane.refused.pop(row.id, None)
         if decision.verdict == Verdict.DELIVERED:

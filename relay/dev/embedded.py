@@ -117,9 +117,16 @@ class EmbeddedPostgres:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_user()
         self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--locale=C", "--no-instructions",
-        )  # fmt: skip
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        )
 
     def start(self) -> EmbeddedPostgres:
         self.init()
@@ -134,9 +141,18 @@ class EmbeddedPostgres:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         options += [f"-c {key}={value}" for key, value in self.settings.items()]
         self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-l", str(self.base_dir / "server.log"),
-            "-o", " ".join(options), "start",
-        )  # fmt: skip
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.base_dir / "server.log"),
+            "-o",
+            " ".join(options),
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -94,9 +94,19 @@ class ClaimedRow:
 
 
 _CLAIM_COLUMNS = (
-    "id", "action_id", "status", "errors", "target", "attempts", "requests",
-    "created_at", "budget_from", "outcome_unknown", "lease_until", "marked",
-)  # fmt: skip
+    "id",
+    "action_id",
+    "status",
+    "errors",
+    "target",
+    "attempts",
+    "requests",
+    "created_at",
+    "budget_from",
+    "outcome_unknown",
+    "lease_until",
+    "marked",
+)
 
 
 @dataclass(frozen=True)
@@ -276,10 +286,14 @@ class Store:
         rows = await self._rows(
             "updates_claim",
             {
-                "target": target, "limit": limit, "lease": lease, "token": token, "relay_id": relay_id,
+                "target": target,
+                "limit": limit,
+                "lease": lease,
+                "token": token,
+                "relay_id": relay_id,
                 "send_now": send_now,
             },
-        )  # fmt: skip
+        )
         claimed = [ClaimedRow(**{k: r[k] for k in _CLAIM_COLUMNS}, token=token) for r in rows]
         return sorted(claimed, key=lambda row: not row.marked)
 
@@ -446,9 +460,13 @@ class Store:
         """Put up to ``limit`` dead rows with ``id > after`` back to pending, in one transaction.
         Returns the re-queued rows (``id``, ``action_id``, ``target``)."""
         params = {
-            "after": after, "reason": reason, "limit": limit,
-            "action_ids": list(action_ids) if action_ids else None, "target": target, "code": code,
-        }  # fmt: skip
+            "after": after,
+            "reason": reason,
+            "limit": limit,
+            "action_ids": list(action_ids) if action_ids else None,
+            "target": target,
+            "code": code,
+        }
         return [dict(r) for r in await self._rows("ops_dead_retry", params)]
 
     async def purge_count(self, older_than: float, include_dead: bool) -> tuple[int, int]:
@@ -473,9 +491,12 @@ class Store:
         if state not in ("delivered", "dead"):
             raise ValueError(f"only delivered or dead rows are purged, not {state!r}")
         params = {
-            "older_than": older_than, "include_dead": include_dead, "limit": limit,
-            "from_state": state, "from_time": start,
-        }  # fmt: skip
+            "older_than": older_than,
+            "include_dead": include_dead,
+            "limit": limit,
+            "from_state": state,
+            "from_time": start,
+        }
         row = (await self._rows("ops_purge_batch", params))[0]
         return int(row["updates"]), int(row["attempts"]), row["next_state"], row["next_from"]
 

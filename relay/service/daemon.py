@@ -313,13 +313,24 @@ class Relay:
             if self.stop_event.is_set():
                 return
             self.scheduler.add_job(
-                self._drain, "interval", seconds=self.settings.poll_interval, id="drain",
-                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC), misfire_grace_time=None,
-            )  # fmt: skip
+                self._drain,
+                "interval",
+                seconds=self.settings.poll_interval,
+                id="drain",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(UTC),
+                misfire_grace_time=None,
+            )
             self.scheduler.add_job(
-                self.heartbeat, "interval", seconds=self._heartbeat_seconds(), id="heartbeat",
-                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
-            )  # fmt: skip
+                self.heartbeat,
+                "interval",
+                seconds=self._heartbeat_seconds(),
+                id="heartbeat",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(UTC),
+            )
             self._add_retention_job()
             if self.settings.metrics_listen is not None:
                 host, port = self.settings.metrics_listen

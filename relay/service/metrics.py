@@ -49,14 +49,36 @@ log = logging.getLogger("relay.metrics")
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DELIVERY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0, 600.0, 1800.0, 3600.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
 CIRCUIT_STATES = {
-    "closed": 0, "serving": 0,
-    "half_open": 1, "half-open": 1, "probing": 1,
-    "open": 2, "paused": 2,
-}  # fmt: skip
+    "closed": 0,
+    "serving": 0,
+    "half_open": 1,
+    "half-open": 1,
+    "probing": 1,
+    "open": 2,
+    "paused": 2,
+}
 
 Health = Callable[[], Awaitable[tuple[bool, str]]]
 UNCONFIGURED = RESERVED_TARGET  # the label value of every target not in the configuration
@@ -87,41 +109,54 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._requests = Counter(
-            "outbox_relay_requests", "HTTP requests made, by outcome (delivery_attempts.outcome).",
-            ["target", "outcome"], registry=r,
-        )  # fmt: skip
+            "outbox_relay_requests",
+            "HTTP requests made, by outcome (delivery_attempts.outcome).",
+            ["target", "outcome"],
+            registry=r,
+        )
         self._request_seconds = Histogram(
-            "outbox_relay_request_duration_seconds", "Duration of HTTP requests to the API.",
-            ["target"], buckets=REQUEST_BUCKETS, registry=r,
-        )  # fmt: skip
+            "outbox_relay_request_duration_seconds",
+            "Duration of HTTP requests to the API.",
+            ["target"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self._delivered = Counter("outbox_relay_delivered", "Updates delivered.", ["target"], registry=r)
         self._dead = Counter("outbox_relay_dead", "Updates that went dead.", ["target"], registry=r)
         self._commit_to_delivery = Histogram(
             "outbox_relay_commit_to_delivery_seconds",
             "Time from an update's commit (created_at) to its delivery.",
-            ["target"], buckets=DELIVERY_BUCKETS, registry=r,
-        )  # fmt: skip
+            ["target"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
         self._pending = Gauge(
             "outbox_relay_pending", "Updates not yet final (pending or in flight).", ["target"], registry=r
         )
         self._oldest = Gauge(
             "outbox_relay_oldest_pending_seconds",
-            "Age of the oldest update not yet final (since written or re-queued).", ["target"], registry=r,
-        )  # fmt: skip
+            "Age of the oldest update not yet final (since written or re-queued).",
+            ["target"],
+            registry=r,
+        )
         self._circuit = Gauge(
-            "outbox_relay_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open (paused).",
-            ["target"], registry=r,
-        )  # fmt: skip
+            "outbox_relay_circuit_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open (paused).",
+            ["target"],
+            registry=r,
+        )
         self._paused = Gauge(
             "outbox_relay_target_paused_seconds",
             "How long the target has not been serving (breaker open or credentials refused); 0 when serving.",
-            ["target"], registry=r,
-        )  # fmt: skip
+            ["target"],
+            registry=r,
+        )
         self._unwritable = Counter(
             "outbox_relay_results_unwritable",
             "Row results (state and attempt rows) the database refused to store, by target.",
-            ["target"], registry=r,
-        )  # fmt: skip
+            ["target"],
+            registry=r,
+        )
         self._last_drain = Gauge(
             "outbox_relay_last_drain_timestamp_seconds",
             "When the last drain finished (Unix time).",
@@ -196,8 +231,13 @@ class Metrics:
         return data
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
-            503: "Service Unavailable"}  # fmt: skip
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    400: "Bad Request",
+    503: "Service Unavailable",
+}
 
 
 class MetricsServer:

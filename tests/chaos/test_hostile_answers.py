@@ -55,9 +55,13 @@ CLASSES: dict[str, tuple[Behaviour, str, list[str]]] = {
     "deep-": (deep_json(), "dead", ["dead"]),
     "html502-": (replace(html_502(), times=1), "delivered", ["retry", "delivered"]),
     "dripbody-": (replace(drip(status=200), apply=True), "delivered", ["delivered"]),
-    "driphead-": (replace(drip(status=200, head=True), apply=True, times=1), "delivered", ["retry", "delivered_earlier"]),
+    "driphead-": (
+        replace(drip(status=200, head=True), apply=True, times=1),
+        "delivered",
+        ["retry", "delivered_earlier"],
+    ),
     "retryafter-": (replace(long_retry_after(), times=1), "delivered", ["retry", "delivered"]),
-}  # fmt: skip
+}
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -69,7 +73,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def test_hostile_answers_never_stop_delivery(database_url: str, tmp_path: Path) -> None:
-    hostile = {f"{prefix}{i:02d}": expected for prefix, expected in CLASSES.items() for i in range(ROWS_PER_CLASS)}
+    hostile = {
+        f"{prefix}{i:02d}": expected for prefix, expected in CLASSES.items() for i in range(ROWS_PER_CLASS)
+    }
     ordinary = sample_updates(ORDINARY, prefix="plain")
     with HostileApi({prefix: behaviour for prefix, (behaviour, _, _) in CLASSES.items()}) as api:
         env = relay_env(database_url, api.url, RELAY_LOG_LEVEL="INFO", RELAY_RETRY_MAX_ATTEMPTS="10")
@@ -78,7 +84,10 @@ def test_hostile_answers_never_stop_delivery(database_url: str, tmp_path: Path) 
         try:
             # Hostile rows first, interleaved with ordinary ones: they compete for the same claims.
             rows = [(action_id, "SUCCESS", []) for action_id in hostile]
-            seed_rows(database_url, rows[: len(rows) // 2] + ordinary[:150] + rows[len(rows) // 2 :] + ordinary[150:])
+            seed_rows(
+                database_url,
+                rows[: len(rows) // 2] + ordinary[:150] + rows[len(rows) // 2 :] + ordinary[150:],
+            )
             started = time.monotonic()
 
             def finished() -> bool:
@@ -116,8 +125,11 @@ def test_hostile_answers_never_stop_delivery(database_url: str, tmp_path: Path) 
         ).fetchone()
 
     lost = [a for a, _, _ in ordinary if states.get(a) != "delivered" or a not in applied]
-    wrong = {a: (states.get(a), outcomes.get(a)) for a, (_, state, outs) in hostile.items()
-             if states.get(a) != state or outcomes.get(a) != outs}  # fmt: skip
+    wrong = {
+        a: (states.get(a), outcomes.get(a))
+        for a, (_, state, outs) in hostile.items()
+        if states.get(a) != state or outcomes.get(a) != outs
+    }
     unrecorded = {a: (n, len(outcomes.get(a, []))) for a, n in seen.items() if n != len(outcomes.get(a, []))}
     restarts = sum(1 for line in log.splitlines() if "relay.daemon" in line and " starting" in line) - 1
     print(

@@ -83,10 +83,15 @@ def test_kill9_one_of_two_relays_repeatedly(chaos: Harness) -> None:
     time.sleep(AFTER_S)
     recovery = clock.finish()
     outcome = chaos.settle()
-    print("\n" + outcome.line(
-        "kill9", recovery_s=recovery, kills=sum(r.kills for r in relays),
-        unknown_outcome_rows=outcome.unknown_outcome_rows,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "kill9",
+            recovery_s=recovery,
+            kills=sum(r.kills for r in relays),
+            unknown_outcome_rows=outcome.unknown_outcome_rows,
+        )
+    )
     outcome.check(duplicates_allowed=True)
 
 
@@ -115,10 +120,16 @@ def test_postgres_stopped_and_started_under_load(
     time.sleep(AFTER_S)
     outcome = chaos.settle()
     logs = "".join(r.log_text() for r in chaos.relays)
-    print("\n" + outcome.line(
-        "pg_restart", recovery_s=recovery, resumed_s=resumed, down_s=PG_DOWN_S,
-        writer_failed_commits=writer.failed_commits,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "pg_restart",
+            recovery_s=recovery,
+            resumed_s=resumed,
+            down_s=PG_DOWN_S,
+            writer_failed_commits=writer.failed_commits,
+        )
+    )
     outcome.check(duplicates_allowed=True)
     assert writer.failed_commits > 0  # the outage was real
     assert "drain failed" in logs or "waiting for the database" in logs
@@ -140,10 +151,16 @@ def test_relay_connections_terminated_twice_a_second(chaos: Harness) -> None:
     recovery = chaos.seconds_to_drain(mark, since=ended)
     time.sleep(AFTER_S)
     outcome = chaos.settle()
-    print("\n" + outcome.line(
-        "terminate_backend", recovery_s=recovery, cut_s=TERMINATE_S, rounds=cutter.calls,
-        backends_terminated=cutter.total,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "terminate_backend",
+            recovery_s=recovery,
+            cut_s=TERMINATE_S,
+            rounds=cutter.calls,
+            backends_terminated=cutter.total,
+        )
+    )
     outcome.check(duplicates_allowed=True)
     assert cutter.total >= cutter.calls // 2  # the relay kept reconnecting and kept being cut
 
@@ -184,10 +201,17 @@ def test_300_idle_connections_held_against_the_server(
         )
         outcome = chaos.settle()
         assert len(idle) == IDLE_CONNECTIONS
-    print("\n" + outcome.line(
-        "idle_connections", recovery_s=recovery, idle=still_idle, relay_conns_max=peak["relay"],
-        server_conns_max=peak["server"], max_connections=max_connections,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "idle_connections",
+            recovery_s=recovery,
+            idle=still_idle,
+            relay_conns_max=peak["relay"],
+            server_conns_max=peak["server"],
+            max_connections=max_connections,
+        )
+    )
     outcome.check(duplicates_allowed=False)
     assert still_idle == IDLE_CONNECTIONS
     assert 1 <= peak["relay"] <= 6, f"the relay used {peak['relay']} connections"
@@ -229,10 +253,17 @@ def test_transaction_held_open_under_load(chaos: Harness) -> None:
     during = chaos.delivered_between(b1, h1) / (h1 - b1).total_seconds()
     after = chaos.delivered_between(a0, a1) / (a1 - a0).total_seconds()
     outcome = chaos.settle()
-    print("\n" + outcome.line(
-        "held_transaction", recovery_s=recovery, hold_s=HOLD_S, per_s_before=before, per_s_during=during,
-        per_s_after=after,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "held_transaction",
+            recovery_s=recovery,
+            hold_s=HOLD_S,
+            per_s_before=before,
+            per_s_during=during,
+            per_s_after=after,
+        )
+    )
     outcome.check(duplicates_allowed=False)
     assert during >= 0.5 * before, f"{during:.1f}/s during the hold, {before:.1f}/s before"
     assert after >= 0.5 * before, f"{after:.1f}/s after the hold, {before:.1f}/s before"
@@ -259,11 +290,17 @@ def test_api_outage_then_recovery(chaos: Harness) -> None:
     resumed = min(r.time for r in list(chaos.sandbox.requests) if r.time >= back_wall and r.status == 204)
     time.sleep(AFTER_S)
     outcome = chaos.settle()
-    print("\n" + outcome.line(
-        "api_outage", recovery_s=recovery, resumed_s=resumed - back_wall, outage_s=OUTAGE_S,
-        outage_requests=outage_requests,
-        max_requests=outcome.max_requests,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "api_outage",
+            recovery_s=recovery,
+            resumed_s=resumed - back_wall,
+            outage_s=OUTAGE_S,
+            outage_requests=outage_requests,
+            max_requests=outcome.max_requests,
+        )
+    )
     outcome.check(duplicates_allowed=False)
     assert outcome.max_attempts < 20
 
@@ -299,10 +336,17 @@ def test_database_read_only_for_a_while(chaos: Harness) -> None:
     time.sleep(AFTER_S)
     outcome = chaos.settle()
     log = chaos.relays[0].log_text()
-    print("\n" + outcome.line(
-        "read_only", recovery_s=recovery, resumed_s=resumed, read_only_s=READ_ONLY_S, sessions_cut=cut,
-        writer_failed_commits=writer.failed_commits,
-    ))  # fmt: skip
+    print(
+        "\n"
+        + outcome.line(
+            "read_only",
+            recovery_s=recovery,
+            resumed_s=resumed,
+            read_only_s=READ_ONLY_S,
+            sessions_cut=cut,
+            writer_failed_commits=writer.failed_commits,
+        )
+    )
     outcome.check(duplicates_allowed=True)
     # A read-only error can only come from a session opened after the switch (the old ones were
     # terminated): it proves the relay reconnected and kept trying, and that it logged why.

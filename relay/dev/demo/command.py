@@ -282,8 +282,11 @@ class Demo:
         self.url = pg.url("postgres")
         marker = {"database_url": self.url, "port": pg.port, "created": datetime.now(UTC).isoformat()}
         (self.dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        self.step(1, f"PostgreSQL started on 127.0.0.1:{pg.port}, data in {pg.data_dir} "
-                     f"({time.monotonic() - self.started:.1f}s)")  # fmt: skip
+        self.step(
+            1,
+            f"PostgreSQL started on 127.0.0.1:{pg.port}, data in {pg.data_dir} "
+            f"({time.monotonic() - self.started:.1f}s)",
+        )
         return asyncio.run(self._async_steps())
 
     async def _async_steps(self) -> int:
@@ -315,8 +318,11 @@ class Demo:
         rng = random.Random(self.seed)
         updates = sample_updates(self.rows, rng)
         bad_order = self.rows + 1
-        self.step(4, f"the application writes {self.rows} outcomes, each in its own transaction "
-                     "with its demo.shop_orders change")  # fmt: skip
+        self.step(
+            4,
+            f"the application writes {self.rows} outcomes, each in its own transaction "
+            "with its demo.shop_orders change",
+        )
         began = time.monotonic()
         await app_setup(self.url, bad_order)
         await app_write(self.url, updates)
@@ -334,8 +340,10 @@ class Demo:
             self.detail("a bad write (FAILED without errors) was NOT refused: the schema is wrong")
         else:
             kept = "is still 'new': rolled back with it" if refusal.rolled_back else "was NOT rolled back"
-            self.detail(f"a bad write is refused inside its transaction: {refusal.message} "
-                        f"[constraint {refusal.constraint}]")  # fmt: skip
+            self.detail(
+                f"a bad write is refused inside its transaction: {refusal.message} "
+                f"[constraint {refusal.constraint}]"
+            )
             self.detail(f"and the order change made in the same transaction: order {bad_order} {kept}")
         outcome = await self._deliver(store, sandbox, token)
         return outcome, refusal
@@ -439,24 +447,40 @@ class Demo:
         earlier = int(f["delivered_earlier"])
         others = c["dead"] - o.dead_unknown
         lines = [
-            ("delivered", str(c["delivered"]),
-             f"{earlier} of them confirmed by the repeat after a lost answer (outcome delivered_earlier)"
-             if earlier else ""),
-            ("dead", str(c["dead"]),
-             (f"{o.dead_unknown} {UNKNOWN_PREFIX}... ids refused with 404" if o.dead_unknown else "")
-             + (f"; {others} other(s): see `outbox-relay dead list`" if others else "")),
+            (
+                "delivered",
+                str(c["delivered"]),
+                f"{earlier} of them confirmed by the repeat after a lost answer (outcome delivered_earlier)"
+                if earlier
+                else "",
+            ),
+            (
+                "dead",
+                str(c["dead"]),
+                (f"{o.dead_unknown} {UNKNOWN_PREFIX}... ids refused with 404" if o.dead_unknown else "")
+                + (f"; {others} other(s): see `outbox-relay dead list`" if others else ""),
+            ),
             ("pending", str(left), f"{c['in_flight']} in flight: NOT FINISHED" if left else ""),
             ("retries", str(f["retries"]), "attempts with outcome 'retry'"),
             ("requests", str(f["requests"]), "HTTP requests, one outbox.delivery_attempts row each"),
-            ("applied twice", str(o.applied_twice),
-             f"the sandbox applied {s['applied']}, refused {s['duplicates']} repeats with "
-             f"ACTION_ALREADY_FINAL ({f['already_final_after_unknown']} after a lost answer)"),
-            ("elapsed", f"{o.elapsed:.1f} s",
-             f"relay start to last row settled; the whole demo: {total:.1f} s"),
-            ("latency p50", fmt_ms(f["latency_p50_ms"]),
-             "commit to delivery (delivered_at - created_at), including the wait for the relay to start"),
+            (
+                "applied twice",
+                str(o.applied_twice),
+                f"the sandbox applied {s['applied']}, refused {s['duplicates']} repeats with "
+                f"ACTION_ALREADY_FINAL ({f['already_final_after_unknown']} after a lost answer)",
+            ),
+            (
+                "elapsed",
+                f"{o.elapsed:.1f} s",
+                f"relay start to last row settled; the whole demo: {total:.1f} s",
+            ),
+            (
+                "latency p50",
+                fmt_ms(f["latency_p50_ms"]),
+                "commit to delivery (delivered_at - created_at), including the wait for the relay to start",
+            ),
             ("latency p95", fmt_ms(f["latency_p95_ms"]), ""),
-        ]  # fmt: skip
+        ]
         width = max(len(name) for name, _, _ in lines)
         vwidth = max(len(v) for _, v, _ in lines)
         for name, value, note in lines:
@@ -487,10 +511,16 @@ class Demo:
             "commit (`outbox-relay audit ACTION_ID` shows the same)"
         )
         rows = [
-            [a["attempt"], a["started_at"].astimezone(UTC).strftime("%H:%M:%S.%f")[:-3],
-             round(a["duration_ms"]), a["http_status"], a["outcome"], a["error_code"]]
+            [
+                a["attempt"],
+                a["started_at"].astimezone(UTC).strftime("%H:%M:%S.%f")[:-3],
+                round(a["duration_ms"]),
+                a["http_status"],
+                a["outcome"],
+                a["error_code"],
+            ]
             for a in entry["attempts"]
-        ]  # fmt: skip
+        ]
         headers = ["#", "TIME (UTC)", "MS", "HTTP", "OUTCOME", "ERROR CODE"]
         self.say(report.table(headers, rows, indent="        "))
 
@@ -534,12 +564,15 @@ class Demo:
             "elapsed_seconds": round(o.elapsed, 3),
             "total_seconds": round(total, 3),
             "latency_ms": {"p50": rounded(f["latency_p50_ms"]), "p95": rounded(f["latency_p95_ms"])},
-            "refused_insert": None if refusal is None else {
-                "constraint": refusal.constraint, "message": refusal.message,
+            "refused_insert": None
+            if refusal is None
+            else {
+                "constraint": refusal.constraint,
+                "message": refusal.message,
                 "rolled_back": refusal.rolled_back,
             },
             "audited_action_id": o.audit[0]["update"]["action_id"] if o.audit else None,
-        }  # fmt: skip
+        }
         if self.keep and self.pg is not None:
             data.update(
                 database_url=self.url,
@@ -563,8 +596,11 @@ class Demo:
                 self.sandbox.stop()
         if self.keep:
             if self.pg is not None:
-                self.step(7, "the relay and the sandbox stopped; PostgreSQL keeps running (--keep): "
-                             f"outbox-relay demo --stop {self.dir}")  # fmt: skip
+                self.step(
+                    7,
+                    "the relay and the sandbox stopped; PostgreSQL keeps running (--keep): "
+                    f"outbox-relay demo --stop {self.dir}",
+                )
             return
         if self.pg is not None:
             with contextlib.suppress(Exception):
@@ -578,8 +614,12 @@ class Demo:
                 else:
                     child.unlink(missing_ok=True)
         what = "the relay, the sandbox and PostgreSQL stopped"
-        self.step(7, f"cleaned up: {what}; {self.dir} deleted" if self.created_dir
-                     else f"cleaned up: {what}; {self.dir} emptied")  # fmt: skip
+        self.step(
+            7,
+            f"cleaned up: {what}; {self.dir} deleted"
+            if self.created_dir
+            else f"cleaned up: {what}; {self.dir} emptied",
+        )
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -700,7 +740,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add ``demo`` to the command line (called by :mod:`relay.cli.main`)."""
     p = command(
-        "demo", cmd_demo, "see it work end to end: a throwaway PostgreSQL, the sandbox and the relay",
+        "demo",
+        cmd_demo,
+        "see it work end to end: a throwaway PostgreSQL, the sandbox and the relay",
         "Start a throwaway PostgreSQL (the 'embedded' extra) and the sandbox API with some faults on,\n"
         "write sample outcomes the way an application does (plain SQL, one transaction each, with a\n"
         "business change beside them), run the relay until every row is delivered or dead, print a\n"
@@ -709,12 +751,16 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "Exit 0 when every row ended delivered or dead and nothing was sent twice; 1 otherwise.\n\n"
         "examples:\n  outbox-relay demo\n  outbox-relay demo --rows 2000 --keep\n"
         "  outbox-relay demo --json | jq .latency_ms\n  outbox-relay demo --stop /tmp/outbox-relay-demo-XXXX",
-    )  # fmt: skip
+    )
     p.set_defaults(needs_settings=False)
-    p.add_argument("--rows", type=int, default=300, metavar="N",
-                   help="sample outcomes to write (default %(default)s)")  # fmt: skip
-    p.add_argument("--data-dir", metavar="DIR", help="a new or empty folder for the database (default: a "
-                   "temporary folder)")  # fmt: skip
+    p.add_argument(
+        "--rows", type=int, default=300, metavar="N", help="sample outcomes to write (default %(default)s)"
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="a new or empty folder for the database (default: a temporary folder)",
+    )
     p.add_argument(
         "--keep",
         action="store_true",

@@ -30,13 +30,15 @@ def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(command: Callable[..., Any]) -> None:
     parser = command(
-        "sandbox", cmd_sandbox, "a local stand-in for the Mirakl Connect API, with fault injection",
+        "sandbox",
+        cmd_sandbox,
+        "a local stand-in for the Mirakl Connect API, with fault injection",
         "Serve PUT /v1/orders/actions/{id} and an OAuth2 token endpoint on loopback, behaving like\n"
         "the real API (401, 400 with the API's error body, 404 for unknown ids, ACTION_ALREADY_FINAL\n"
         "for repeats, 204), with optional faults. Point RELAY_API_BASE_URL at it.\n\n"
         "example:\n  outbox-relay sandbox --port 8080 --p503 0.1 --p429 0.05 --latency-ms 50 \\\n"
         "      --log requests.jsonl",
-    )  # fmt: skip
+    )
     parser.set_defaults(needs_settings=False)
     add_arguments(parser)
 
@@ -47,47 +49,66 @@ def register(command: Callable[..., Any]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sandbox's options to ``parser`` (the main CLI's ``sandbox`` command)."""
     parser.add_argument(
-        "--host", default="127.0.0.1",
+        "--host",
+        default="127.0.0.1",
         help="address to listen on (default: %(default)s; 0.0.0.0 lets other machines in, "
         "and the sandbox has no TLS)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--port", type=int, default=8080,
+        "--port",
+        type=int,
+        default=8080,
         help="TCP port (default: %(default)s; 0 picks a free one, shown in the first line printed)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--token", action="append", metavar="TOKEN",
+        "--token",
+        action="append",
+        metavar="TOKEN",
         help=f"a static bearer token to accept; repeat for several (default: {DEFAULT_TOKEN}). "
         "Point the relay's RELAY_API_TOKEN at it",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--oauth-client", action="append", metavar="ID:SECRET",
+        "--oauth-client",
+        action="append",
+        metavar="ID:SECRET",
         help=f"an OAuth2 client that may get tokens from /oauth/token; repeat for several "
         f"(default: {DEFAULT_CLIENT_ID}:{DEFAULT_CLIENT_SECRET})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--token-lifetime", type=float, default=3600.0, metavar="SECONDS",
+        "--token-lifetime",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
         help="how long an issued token is accepted; a few seconds exercises token renewal "
         "(default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--unknown-prefix", default="unknown-", metavar="PREFIX",
+        "--unknown-prefix",
+        default="unknown-",
+        metavar="PREFIX",
         help="action ids starting with PREFIX get 404 ACTION_NOT_FOUND, as expired or unknown "
         "actions do; an empty string turns this off (default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--seed", type=int, default=None,
+        "--seed",
+        type=int,
+        default=None,
         help="seed for the fault draws, to replay the same sequence of faults (default: random)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--log", type=Path, default=None, metavar="FILE",
+        "--log",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="append one JSON line per request to FILE (never a token or secret)",
-    )  # fmt: skip
-    _add_fault_arguments(parser.add_argument_group(
-        "fault injection",
-        "Each PUT with a valid token draws its fault, in this order: close, 503, 429, apply-500, "
-        "apply-hang. Probabilities go from 0 (never) to 1 (always).",
-    ))  # fmt: skip
+    )
+    _add_fault_arguments(
+        parser.add_argument_group(
+            "fault injection",
+            "Each PUT with a valid token draws its fault, in this order: close, 503, 429, apply-500, "
+            "apply-hang. Probabilities go from 0 (never) to 1 (always).",
+        )
+    )
 
 
 def _add_fault_arguments(group: argparse._ArgumentGroup) -> None:
@@ -97,24 +118,42 @@ def _add_fault_arguments(group: argparse._ArgumentGroup) -> None:
     probability("--p503", "answer 503 UNAVAILABLE without applying: a transient outage")
     probability("--p429", "answer 429 with Retry-After without applying: rate limiting")
     group.add_argument(
-        "--retry-after", type=int, default=1, metavar="SECONDS",
+        "--retry-after",
+        type=int,
+        default=1,
+        metavar="SECONDS",
         help="the Retry-After sent with 429 answers (default: %(default)s)",
-    )  # fmt: skip
-    probability("--p-close", "close the connection without any answer, without applying: the relay sees "
-                "a transport error and must send again")  # fmt: skip
-    probability("--p-apply-500", "apply the update, then answer 500: the retry must accept the "
-                "400 ACTION_ALREADY_FINAL that follows as delivered")  # fmt: skip
-    probability("--p-apply-hang", "apply the update, then hold the connection for --hang-seconds "
-                "and close it unanswered: the relay times out although the update landed")  # fmt: skip
+    )
+    probability(
+        "--p-close",
+        "close the connection without any answer, without applying: the relay sees "
+        "a transport error and must send again",
+    )
+    probability(
+        "--p-apply-500",
+        "apply the update, then answer 500: the retry must accept the "
+        "400 ACTION_ALREADY_FINAL that follows as delivered",
+    )
+    probability(
+        "--p-apply-hang",
+        "apply the update, then hold the connection for --hang-seconds "
+        "and close it unanswered: the relay times out although the update landed",
+    )
     group.add_argument(
-        "--hang-seconds", type=float, default=10.0, metavar="SECONDS",
+        "--hang-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
         help="how long --p-apply-hang holds a connection; make it longer than the relay's request "
         "timeout (default: %(default)s)",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS",
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
         help="milliseconds added to every authorized PUT, to see concurrency at work (default: %(default)s)",
-    )  # fmt: skip
+    )
 
 
 def _parse_client(value: str) -> tuple[str, str]:

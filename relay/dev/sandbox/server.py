@@ -62,11 +62,21 @@ from relay.errors import ConfigError
 # The codes the API accepts; the schema seeds the same list (a test keeps both equal).
 ERROR_CODES = frozenset(
     {
-        "INVALID_INPUT", "DATA_NOT_FOUND", "UNEXPECTED", "UNAVAILABLE", "TOO_MANY_REQUEST",
-        "ACTION_NOT_SUPPORTED", "ORDER_IN_WRONG_STATE", "RETURN_IN_WRONG_STATE", "OTHER",
-        "CARRIER_NOT_SUPPORTED", "MISSING_CARRIER", "WAREHOUSE_ID_NOT_FOUND", "WAREHOUSE_ID_REQUIRED",
+        "INVALID_INPUT",
+        "DATA_NOT_FOUND",
+        "UNEXPECTED",
+        "UNAVAILABLE",
+        "TOO_MANY_REQUEST",
+        "ACTION_NOT_SUPPORTED",
+        "ORDER_IN_WRONG_STATE",
+        "RETURN_IN_WRONG_STATE",
+        "OTHER",
+        "CARRIER_NOT_SUPPORTED",
+        "MISSING_CARRIER",
+        "WAREHOUSE_ID_NOT_FOUND",
+        "WAREHOUSE_ID_REQUIRED",
     }
-)  # fmt: skip
+)
 SCOPE = "connect-channel-platform:order-action:upsert"
 ACTION_PATH_PREFIX = "/v1/orders/actions/"
 TOKEN_PATH = "/oauth/token"  # noqa: S105
