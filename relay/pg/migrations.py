@@ -8,7 +8,6 @@ An applied file whose checksum changed stops everything: migrations are append-o
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ class Migration:
 
     @property
     def checksum(self) -> str:
+        import hashlib  # only migrate needs it, not every command that reads the schema version
+
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 

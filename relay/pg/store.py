@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache, cached_property
 from importlib import resources
-from typing import Any
-from uuid import UUID
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg.errors
@@ -32,6 +31,9 @@ from relay.pg.pool import Pool, PoolTimeout
 from relay.pg.refusals import refusal
 from relay.redact import mask, redact, secret_forms
 from relay.settings import Secret, database_params
+
+if TYPE_CHECKING:  # annotations only: uuid costs the operator commands a few ms to import
+    from uuid import UUID
 
 NOTIFY_CHANNEL = "outbox_action_status"
 _DRIVER_ERRORS = (psycopg.Error, OSError, PoolTimeout)
