@@ -10,6 +10,7 @@ with ``raise ... from exc``, so callers only ever catch these::
     ├── ConflictingUpdate           the action already has a different outcome queued (exit 2)
     ├── NotFound                    no such action / row (exit 1)
     ├── DatabaseError               PostgreSQL unreachable or failed (exit 1)
+    │   ├── PermissionDenied        the database user lacks a privilege: names the role to grant (exit 2)
     │   ├── SchemaError             schema missing, too old, or a migration file changed (exit 1)
     │   └── WriteRefused            PostgreSQL answered but refused to store these values (exit 1)
     └── AuthError                   a token could not be obtained (exit 1)
@@ -52,6 +53,13 @@ class NotFound(RelayError):
 
 class DatabaseError(RelayError):
     """PostgreSQL could not be reached or a statement failed unexpectedly."""
+
+
+class PermissionDenied(DatabaseError):
+    """PostgreSQL refused the database user a privilege: a configuration error, whose message
+    names the role to grant (``grant outbox_relay to relay_svc``)."""
+
+    exit_code = 2
 
 
 class SchemaError(DatabaseError):

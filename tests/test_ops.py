@@ -645,6 +645,7 @@ def token_url() -> Iterator[str]:
 
 def test_check_all_good_with_a_static_token(database_url: str) -> None:
     env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "static-secret-token"}
+    owner = psycopg.conninfo.conninfo_to_dict(database_url)["user"]  # the test's user owns the schema
     result = cli("check", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -656,13 +657,17 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
             if line.startswith("ok  database reachable (PostgreSQL ")
         ],
         f"ok  schema up to date (version {latest_version()})",
-        "ok  target default: static token present",
+        "ok  roles outbox_writer, outbox_relay, outbox_operator, outbox_auditor exist",
+        f"ok  privileges: {owner} may do what the relay does (owns the outbox schema)",
+        "ok  LISTEN works on a connection of its own (wake-ups)",
+        "ok  target default: static token present (not verified; use --probe)",
     ]
     assert re.search(r"^ok  database reachable \(PostgreSQL \d+\.\d+\)$", result.stdout, re.MULTILINE)
     as_json = cli("check", "--json", env=env)
     data = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and data["ok"] is True
-    assert [c["name"] for c in data["checks"]] == ["configuration", "database", "schema", "target default"]
+    names = ["configuration", "database", "schema", "roles", "privileges", "listen", "target default"]
+    assert [c["name"] for c in data["checks"]] == names
     assert "static-secret-token" not in result.stdout + as_json.stdout
 
 
@@ -677,7 +682,10 @@ def test_check_fetches_an_oauth_token(database_url: str, token_url: str, tmp_pat
     }
     result = cli("check", env=env)
     assert result.returncode == 0, result.stderr
-    assert f"ok  target default: OAuth token obtained from {token_url}" in result.stdout
+    assert (
+        f"ok  target default: OAuth token obtained from {token_url} (not tried on the API; use --probe)"
+        in result.stdout
+    )
     assert "(oauth, " in result.stdout
     assert len(_TokenEndpoint.posts) == 1 and _TokenEndpoint.posts[0]["client_id"] == ["client-1"]
     assert "issued-token-123" not in result.stdout and "right-secret" not in result.stdout

@@ -164,11 +164,23 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "check",
         _ops("cmd_check"),
         "configuration, database, schema and tokens in one go",
-        "Check that the configuration loads (targets and auth kinds are named, secrets never), the\n"
-        "database answers, the schema is up to date, and every target can get a token (OAuth: one\n"
-        "is fetched). One line per check; problems on stderr. Exit 0 when all is well, 2 when the\n"
-        "configuration is at fault, 1 otherwise.\n\n"
-        "example:\n  RELAY_DATABASE_URL=postgresql://relay@db/app \\\n"
-        "  RELAY_API_TOKEN_FILE=/run/secrets/token outbox-relay check",
+        "Check, without side effects, that the configuration loads (targets and auth kinds are\n"
+        "named, secrets never), the database answers, the schema is up to date, the group roles\n"
+        "exist, the database user may do what the relay does (outbox_relay), LISTEN works on a\n"
+        "connection of its own, and every target has a token: a static one is only present, an\n"
+        "OAuth one is fetched. --probe also asks the API: one PUT per target for an action id that\n"
+        "cannot exist (outbox-relay-probe-<uuid>), whose 404 proves the token and the route.\n"
+        "One line per check, saying what it proved; problems on stderr. Exit 0 when all is well,\n"
+        "2 when the configuration (or a missing role or grant) is at fault, 1 otherwise.\n\n"
+        "examples:\n  RELAY_DATABASE_URL=postgresql://relay_svc@db/app \\\n"
+        "  RELAY_API_TOKEN_FILE=/run/secrets/token outbox-relay check --probe\n"
+        "  RELAY_DATABASE_URL=postgresql://relay_svc@db/app RELAY_OAUTH_CLIENT_ID=my-client \\\n"
+        "  RELAY_OAUTH_CLIENT_SECRET_FILE=/run/secrets/client-secret outbox-relay check --probe",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="also PUT one update per target for an action id that cannot exist: a 404 proves the "
+        "token and the route",
+    )

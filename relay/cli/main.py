@@ -15,13 +15,16 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from relay import __version__
 from relay.cli import commands
 from relay.cli.commands import Handler, lazy
 from relay.errors import ConfigError, RelayError
 from relay.settings import DEFAULT_TARGET, Settings, load_settings
+
+if TYPE_CHECKING:
+    from relay.pg.migrations import MigrationReport
 
 # Commands whose module is imported only when they are used, options and all: (name, module,
 # the one-line help `outbox-relay --help` shows). The module's ``register(command)`` adds the
@@ -110,24 +113,59 @@ def _error_arg(value: str) -> dict[str, str]:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from relay.cli.database import run_with_store
     from relay.pg.migrations import migrate
+    from relay.pg.store import Store
 
-    report = run_with_store(
-        settings, lambda store: migrate(store, dry_run=args.dry_run), application_name="outbox-relay"
+    if args.roles_sql:
+        from relay.pg.roles import roles_sql
+
+        sys.stdout.write(roles_sql())
+        return 0
+
+    def notice(line: str) -> None:  # what the migrations tell, e.g. a role the user may not create
+        sys.stderr.write(f"outbox-relay: PostgreSQL {line}\n")
+        sys.stderr.flush()
+
+    async def work(store: Store) -> tuple[MigrationReport, list[str]]:
+        done = await migrate(store, dry_run=args.dry_run)
+        return done, await store.missing_roles()
+
+    report, missing = run_with_store(
+        settings, work, application_name="outbox-relay", role=None, notices=notice
     )
+    _migrated(args, report)
+    if missing:
+        _missing_roles(settings, missing)
+    return 0
+
+
+def _missing_roles(settings: Settings, missing: list[str]) -> None:
+    """Which roles are missing, and the one command a superuser runs to create them and their grants."""
+    from relay.settings import database_params
+
+    database = database_params(settings.require_database_url()).get("dbname") or "DATABASE"
+    sys.stderr.write(
+        f"outbox-relay: role(s) {', '.join(missing)} do not exist, so nothing is granted to them: "
+        "their members would get `permission denied for schema outbox`\n"
+        'outbox-relay: as a superuser, run the "Group roles" block of schema/schema.sql in this database '
+        "(it creates the roles and their grants): "
+        f"outbox-relay migrate --roles-sql | psql -d {database}\n"
+    )
+
+
+def _migrated(args: argparse.Namespace, report: MigrationReport) -> None:
     if args.dry_run:
         if report.pending:
             for m in report.pending:
                 print(f"would apply {m.path.name}")
         else:
             print(f"schema is up to date (version {report.version}); nothing to apply")
-        return 0
+        return
     for m in report.applied:
         print(f"applied {m.path.name}")
     if not report.applied:
         print(f"schema is up to date (version {report.version}); nothing to apply")
     else:
         print(f"schema is at version {report.version}")
-    return 0
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,6 +178,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         lambda store: store.enqueue(args.action_id, args.status, errors, args.target),
         application_name="outbox-relay",
+        role="outbox_writer",
     )
     if args.json:
         document = {"id": row_id, "action_id": args.action_id, "target": args.target}
@@ -172,9 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_migrate,
         "create or upgrade the outbox schema",
         "Apply the pending schema/ migrations in order, one transaction each, under an advisory\n"
-        "lock (concurrent runs are safe). Running it again is a no-op.",
+        "lock (concurrent runs are safe). Running it again is a no-op. PostgreSQL's notices go to\n"
+        "stderr; when the group roles are missing (the user may not create roles), it says so and\n"
+        "how a superuser creates them:\n\n"
+        "  outbox-relay migrate --roles-sql | psql -d app    # as a superuser",
     )
     p.add_argument("--dry-run", action="store_true", help="only list the migrations that would run")
+    p.add_argument(
+        "--roles-sql",
+        action="store_true",
+        help="print the statements a superuser runs when migrate could not create the group roles "
+        '(the "Group roles" block of schema/schema.sql) and exit',
+    )
 
     p = command(
         "enqueue",

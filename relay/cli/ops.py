@@ -25,11 +25,12 @@ from relay.cli.commands import RETRY_BATCH
 from relay.cli.database import open_store, run_with_store
 from relay.core.retention import purge
 from relay.durations import human_duration
-from relay.errors import ConfigError, NotFound, RelayError, SchemaError
+from relay.errors import ConfigError, NotFound, PermissionDenied, RelayError, SchemaError
 from relay.redact import scrub_secrets
 from relay.settings import Settings, TargetSettings
 
 if TYPE_CHECKING:
+    from relay.connect.client import ApiClient
     from relay.pg.store import Store
 
 FRESH_HEARTBEAT = 120.0  # a relay_targets row younger than this belongs to a live relay
@@ -474,6 +475,11 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # -- check ----------------------------------------------------------------------------------
+RELAY_ROLE = "outbox_relay"  # what the daemon's user needs (README "Roles")
+PROBE_PREFIX = "outbox-relay-probe-"  # `check --probe`: an action id no connector ever has
+LISTEN_WITHIN = 15.0  # seconds the LISTEN connection has to answer
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -489,7 +495,23 @@ def _public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-async def _check_token(target: TargetSettings) -> Check:
+def _roles_cure(settings: Settings) -> str:
+    """The one command a superuser runs to create the group roles and their grants."""
+    from relay.settings import database_params
+
+    database = database_params(settings.require_database_url()).get("dbname") or "DATABASE"
+    return f"as a superuser, run `outbox-relay migrate --roles-sql | psql -d {database}`"
+
+
+def _listing(items: list[str], shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+async def _check_token(target: TargetSettings, probe: bool) -> Check:
+    """What can be proved of the target's credentials: a static token is only present; an OAuth
+    token is obtained (the client credentials work); with ``probe`` the API is asked
+    (:func:`_probe`)."""
     name = f"target {target.name}"
     if target.auth_kind == "none":
         return Check(name, False, f"{name}: no credentials (set a token or OAuth client)", configuration=True)
@@ -497,16 +519,111 @@ async def _check_token(target: TargetSettings) -> Check:
 
     client = ApiClient(target)  # the relay's own client: same TLS, proxy and deadline rules
     try:
-        token = await client.tokens.token()
-    except RelayError as exc:
-        return Check(name, False, f"{name}: {exc}")
+        try:
+            token = await client.tokens.token()
+        except RelayError as exc:
+            return Check(name, False, f"{name}: {exc}")
+        if not token:
+            return Check(name, False, f"{name}: the token is empty", configuration=True)
+        if target.oauth is not None:
+            source = f"OAuth token obtained from {_public_url(target.oauth.token_url)}"
+            unproved = "not tried on the API"
+        else:
+            source, unproved = "static token present", "not verified"
+        if not probe:
+            return Check(name, True, f"{name}: {source} ({unproved}; use --probe)")
+        return await _probe(client, target, token, source)
     finally:
         await client.aclose()
-    if not token:
-        return Check(name, False, f"{name}: the token is empty", configuration=True)
-    if target.oauth is not None:
-        return Check(name, True, f"{name}: OAuth token obtained from {_public_url(target.oauth.token_url)}")
-    return Check(name, True, f"{name}: static token present")
+
+
+async def _probe(client: ApiClient, target: TargetSettings, token: str, source: str) -> Check:
+    """One ``PUT`` for an action id that cannot exist (``outbox-relay-probe-<uuid>``): a 404
+    proves the token and the route; 401/403 means the API refused the token; anything else is
+    reported as it came. Nothing can be applied: no action has that id."""
+    import uuid
+
+    from relay.connect.client import action_path, request_body
+
+    name = f"target {target.name}"
+    action_id = f"{PROBE_PREFIX}{uuid.uuid4()}"
+    where = f"PUT {_public_url(target.base_url)}{action_path(action_id)}"
+    answer = (await client.put(action_id, request_body("SUCCESS", []), token)).answer
+    said = f": {report.clean(answer.body.decode('utf-8', 'replace'), 120)}" if answer.body else ""
+    if answer.status == 404:
+        return Check(
+            name, True, f"{name}: {source}; the API took it: {where} answered 404, as for any unknown action"
+        )
+    if answer.status in (401, 403):
+        return Check(
+            name, False, f"{name}: the API refused the token: {where} answered {answer.status}{said}"
+        )
+    if answer.status is None:
+        return Check(name, False, f"{name}: {where}: no answer ({answer.transport_error})")
+    return Check(
+        name, False, f"{name}: {where} answered {answer.status}, not the 404 of an unknown action{said}"
+    )
+
+
+async def _check_listen(store: Store) -> Check:
+    """LISTEN on a connection of its own, as the daemon's wake-ups do (nothing is notified)."""
+    import asyncio
+
+    ready = asyncio.Event()
+
+    async def listen() -> None:
+        async for _ in store.listen(ready):
+            pass
+
+    task = asyncio.create_task(listen())
+    waiter = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait({task, waiter}, timeout=LISTEN_WITHIN, return_when=asyncio.FIRST_COMPLETED)
+        failed = task.exception() if task.done() else None
+    finally:
+        for t in (task, waiter):
+            t.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    if ready.is_set():
+        return Check("listen", True, "LISTEN works on a connection of its own (wake-ups)")
+    if failed is not None:
+        return Check("listen", False, f"LISTEN connection: {failed}")
+    return Check("listen", False, f"LISTEN connection: no answer within {human_duration(LISTEN_WITHIN)}")
+
+
+async def _check_roles(store: Store, settings: Settings) -> list[Check]:
+    """The group roles exist, and the connected user may do what the daemon does."""
+    from relay.pg.store import GROUP_ROLES, quote_role
+
+    missing = await store.missing_roles()
+    if missing:
+        detail = f'roles missing: {", ".join(missing)}; {_roles_cure(settings)} (README "Roles")'
+        checks = [Check("roles", False, detail, configuration=True)]
+    else:
+        checks = [Check("roles", True, f"roles {', '.join(GROUP_ROLES)} exist")]
+    found = await store.privileges(RELAY_ROLE, retention=settings.retention is not None)
+    if not found.found:
+        return checks
+    user = quote_role(found.user)
+    if not found.missing:
+        why = (
+            "owns the outbox schema"
+            if found.owner
+            else f"is a member of {RELAY_ROLE}"
+            if found.member
+            else "has them"
+        )
+        checks.append(Check("privileges", True, f"privileges: {user} may do what the relay does ({why})"))
+        return checks
+    lacks = f"privileges: {user} lacks {_listing(found.missing)}"
+    if found.member:
+        cure = f"{user} is a member of {RELAY_ROLE}, which was never granted them: {_roles_cure(settings)}"
+    elif found.member is None:
+        cure = f"role {RELAY_ROLE} does not exist: {_roles_cure(settings)}, then grant {RELAY_ROLE} to {user}"
+    else:
+        cure = f'grant {RELAY_ROLE} to {user} (as a superuser; README "Roles")'
+    checks.append(Check("privileges", False, f"{lacks}: {cure}", configuration=True))
+    return checks
 
 
 async def _check_database(settings: Settings) -> list[Check]:
@@ -516,38 +633,48 @@ async def _check_database(settings: Settings) -> list[Check]:
         settings.require_database_url()
     except ConfigError as exc:
         return [Check("database", False, str(exc), configuration=True)]
-    async with open_store(settings, "outbox-relay check") as store:
+    async with open_store(settings, "outbox-relay check", role=RELAY_ROLE) as store:
         try:
             server = await store.server_version()
         except RelayError as exc:
             return [Check("database", False, f"database unreachable: {exc}")]
         checks = [Check("database", True, f"database reachable (PostgreSQL {server})")]
+        latest = latest_version()
         try:
             version = await store.schema_version()
         except RelayError as exc:
-            return [*checks, Check("schema", False, f"schema: {exc}")]
-    latest = latest_version()
-    if version < latest:
-        behind = f"schema behind: version {version}, latest {latest}; run `outbox-relay migrate`"
-        checks.append(Check("schema", False, behind))
-    elif version > latest:
-        ahead = f"schema version {version} is newer than this outbox-relay knows ({latest})"
-        ahead += ": upgrade outbox-relay"
-        checks.append(Check("schema", False, ahead))
-    else:
-        checks.append(Check("schema", True, f"schema up to date (version {version})"))
+            checks.append(Check("schema", False, f"schema: {exc}", isinstance(exc, PermissionDenied)))
+        else:
+            if version < latest:
+                behind = f"schema behind: version {version}, latest {latest}; run `outbox-relay migrate`"
+                checks.append(Check("schema", False, behind))
+            elif version > latest:
+                ahead = f"schema version {version} is newer than this outbox-relay knows ({latest})"
+                ahead += ": upgrade outbox-relay"
+                checks.append(Check("schema", False, ahead))
+            else:
+                checks.append(Check("schema", True, f"schema up to date (version {version})"))
+        try:
+            checks += await _check_roles(store, settings)
+        except RelayError as exc:
+            checks.append(Check("roles", False, f"roles: {exc}"))
+        checks.append(await _check_listen(store))
     return checks
 
 
-async def run_checks(settings: Settings) -> list[Check]:
+_AUTH = {"none": "no credentials"}
+
+
+async def run_checks(settings: Settings, probe: bool = False) -> list[Check]:
     import asyncio
 
     kinds = ", ".join(
-        f"{t.name} ({t.auth_kind}, {_public_url(t.base_url)})" for t in settings.targets.values()
+        f"{t.name} ({_AUTH.get(t.auth_kind, t.auth_kind)}, {_public_url(t.base_url)})"
+        for t in settings.targets.values()
     )
     checks = [Check("configuration", True, f"configuration loaded: target(s) {kinds}")]
     checks += await _check_database(settings)
-    checks += await asyncio.gather(*(_check_token(t) for t in settings.targets.values()))
+    checks += await asyncio.gather(*(_check_token(t, probe) for t in settings.targets.values()))
     return checks
 
 
@@ -556,7 +683,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     checks = [
         c if c.ok else Check(c.name, False, scrub_secrets(c.detail, settings), c.configuration)
-        for c in asyncio.run(run_checks(settings))
+        for c in asyncio.run(run_checks(settings, probe=args.probe))
     ]
     problems = [c for c in checks if not c.ok]
     if args.json:

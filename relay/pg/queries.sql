@@ -32,6 +32,61 @@ from outbox.schema_migrations
 -- schema_exists --
 select to_regclass('outbox.schema_migrations') is not null as present
 
+-- roles_missing --
+select r.rolname
+from unnest(cast(:roles as text[])) with ordinality as r (rolname, n)
+where not exists (select 1 from pg_catalog.pg_roles p where p.rolname = r.rolname)
+order by r.n
+
+-- privileges_relay --
+-- What the daemon needs (README "Roles", outbox_relay) that current_user lacks, read by object
+-- id from the catalogs: no name lookup, so a user without USAGE on the schema may ask too.
+with ns as (
+    select n.oid, n.nspowner from pg_catalog.pg_namespace n where n.nspname = 'outbox'
+), on_tables (rel, priv) as (
+    values ('action_status_updates', 'SELECT'), ('delivery_attempts', 'SELECT'),
+           ('relay_targets', 'SELECT'), ('relay_targets', 'INSERT'), ('relay_targets', 'UPDATE'),
+           ('relay_targets', 'DELETE'), ('error_codes', 'SELECT'), ('schema_migrations', 'SELECT'),
+           ('delivery_audit', 'SELECT')
+), on_columns (rel, priv, col) as (
+    select 'action_status_updates', 'UPDATE', unnest(array[
+        'state', 'attempts', 'next_attempt_at', 'delivered_at', 'dead_at', 'last_error', 'last_http_status',
+        'requests', 'outcome_unknown', 'claim_token', 'claimed_by', 'sending_at'])
+    union all
+    select 'delivery_attempts', 'INSERT', unnest(array[
+        'update_id', 'action_id', 'target', 'attempt', 'started_at', 'duration_ms', 'http_status', 'outcome',
+        'error_code', 'error_message', 'response_body', 'relay_id', 'reached_api'])
+), lacking (what) as (
+    select 'usage on schema outbox' from ns where not has_schema_privilege(ns.oid, 'USAGE')
+    union all
+    select lower(w.priv) || ' on outbox.' || w.rel
+    from on_tables w
+    join pg_catalog.pg_class c on c.relname = w.rel
+    join ns on c.relnamespace = ns.oid
+    where not has_table_privilege(c.oid, w.priv)
+    union all
+    select lower(w.priv) || ' (' || string_agg(w.col, ', ' order by a.attnum) || ') on outbox.' || w.rel
+    from on_columns w
+    join pg_catalog.pg_class c on c.relname = w.rel
+    join ns on c.relnamespace = ns.oid
+    join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attname = w.col and not a.attisdropped
+    where not has_column_privilege(c.oid, a.attnum, w.priv)
+    group by w.rel, w.priv
+    union all
+    select 'execute on outbox.purge_finished'
+    from pg_catalog.pg_proc p
+    join ns on p.pronamespace = ns.oid
+    where p.proname = 'purge_finished' and cast(:retention as boolean)
+      and not has_function_privilege(p.oid, 'EXECUTE')
+)
+select current_user as usr,
+       exists (select 1 from pg_catalog.pg_class c join ns on c.relnamespace = ns.oid
+               where c.relname = 'schema_migrations') as found,
+       (select array_agg(what order by what) from lacking) as missing,
+       (select pg_has_role(current_user, r.oid, 'USAGE') from pg_catalog.pg_roles r
+        where r.rolname = cast(:role as text)) as member,
+       coalesce((select pg_has_role(current_user, ns.nspowner, 'USAGE') from ns), false) as owner
+
 -- updates_enqueue --
 select outbox.enqueue_action_status(:action_id, :status, cast(:errors as jsonb), :target) as id
 

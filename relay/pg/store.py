@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +26,7 @@ import psycopg.errors
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from relay.errors import DatabaseError, InvalidUpdate, SchemaError, WriteRefused
+from relay.errors import DatabaseError, InvalidUpdate, PermissionDenied, SchemaError, WriteRefused
 from relay.pg.pool import Pool, PoolTimeout
 from relay.pg.refusals import refusal
 from relay.redact import mask, redact, secret_forms
@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # annotations only: uuid costs the operator commands a few ms
 NOTIFY_CHANNEL = "outbox_action_status"
 _DRIVER_ERRORS = (psycopg.Error, OSError, PoolTimeout)
 _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+# The group roles of schema/schema.sql ("Group roles"), in the order it creates them.
+GROUP_ROLES = ("outbox_writer", "outbox_relay", "outbox_operator", "outbox_auditor")
 
 
 class NamedQueries:
@@ -168,18 +171,43 @@ def _scrub(error: Exception, secrets: tuple[str, ...]) -> Exception:
     return scrubbed
 
 
-def _translate(exc: BaseException, secrets: tuple[str, ...] = ()) -> Exception:
-    return _scrub(_translate_raw(exc), secrets)
+def _translate(
+    exc: BaseException, secrets: tuple[str, ...] = (), role: str | None = None, user: str | None = None
+) -> Exception:
+    return _scrub(_translate_raw(exc, role, user), secrets)
 
 
-def _translate_raw(exc: BaseException) -> Exception:
-    """Our error for a database exception: a refused row, a conflict, or a database failure."""
+def quote_role(name: str) -> str:
+    """A role name as SQL takes it: as is when plain, else double-quoted (``"outbox-relay"``)."""
+    return name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def _denied(orig: psycopg.Error, role: str | None, user: str | None) -> DatabaseError:
+    """PostgreSQL's own ``permission denied for ...``, with the grant that cures it: the user
+    lacks ``role``. A refusal a trigger of the schema raised with the same SQLSTATE (a rule
+    no grant lifts, such as an append-only table) stays a :class:`DatabaseError`."""
+    first = orig.diag.message_primary or (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if not first.startswith("permission denied"):
+        return DatabaseError(f"database error: {first}")
+    who = quote_role(user) if user else "the database user"
+    if role is None:
+        return PermissionDenied(f"{first} (as {who})")
+    return PermissionDenied(
+        f'{first}: {who} needs the {role} role: grant {role} to {who} (as a superuser; README "Roles")'
+    )
+
+
+def _translate_raw(exc: BaseException, role: str | None = None, user: str | None = None) -> Exception:
+    """Our error for a database exception: a refused row, a conflict, a missing privilege, or a
+    database failure."""
     refused = refusal(exc)
     if refused is not None:
         return refused
     if isinstance(exc, PoolTimeout):
         return DatabaseError(f"database error: {exc}")
     orig = exc
+    if isinstance(orig, psycopg.errors.InsufficientPrivilege):
+        return _denied(orig, role, user)
     if isinstance(orig, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName) or (
         isinstance(orig, psycopg.errors.UndefinedFunction) and "outbox." in str(orig)
     ):
@@ -194,13 +222,30 @@ def _translate_raw(exc: BaseException) -> Exception:
 
 
 class Store:
-    """Named queries over one small connection pool, and the health check's own connection (``probe``)."""
+    """Named queries over one small connection pool, and the health check's own connection (``probe``).
 
-    def __init__(self, url: Secret, *, pool_size: int = 4, application_name: str = "outbox-relay") -> None:
+    ``role`` is the group role the user needs for what this store is used for
+    (``outbox_relay`` for the daemon): a ``permission denied`` names it, with the ``grant`` to
+    run (:class:`~relay.errors.PermissionDenied`). ``notices`` receives, one line each, the
+    notices and warnings PostgreSQL sends while migrating (:meth:`migration_session`).
+    """
+
+    def __init__(
+        self,
+        url: Secret,
+        *,
+        pool_size: int = 4,
+        application_name: str = "outbox-relay",
+        role: str | None = None,
+        notices: Callable[[str], None] | None = None,
+    ) -> None:
         self.url = url
+        self.role = role
+        self.notices = notices
         self._secrets = _secret_forms(url)
         # The URL's parts go to psycopg as keywords: never re-rendered into a URL string.
         params: dict[str, Any] = {"connect_timeout": 10, **database_params(url)}
+        self._user: str | None = params.get("user") or None  # libpq's default is known once connected
         params["application_name"] = application_name
         self.pool = Pool(params, size=pool_size, timeout=30)
         # The health check's connection, outside the pool (opened on first use).
@@ -215,9 +260,13 @@ class Store:
         """Several named statements in one transaction."""
         try:
             async with self.pool.connection() as conn, conn.transaction():
+                self._user = self._user or conn.info.user
                 yield Transaction(conn)
         except _DRIVER_ERRORS as exc:
-            raise _translate(exc, self._secrets) from exc
+            raise self._error(exc) from exc
+
+    def _error(self, exc: BaseException) -> Exception:
+        return _translate(exc, self._secrets, self.role, self._user)
 
     async def fetch(
         self, source: NamedQueries, name: str, params: Mapping[str, Any] | None = None
@@ -231,6 +280,7 @@ class Store:
         """Run one named statement in its own implicit transaction: one round trip."""
         try:
             async with self.pool.connection() as conn:
+                self._user = self._user or conn.info.user
                 try:
                     return await Transaction(conn).rows(name, params, source)
                 except psycopg.errors.ReadOnlySqlTransaction:
@@ -239,7 +289,7 @@ class Store:
                     self.pool.discard(conn)
                     raise
         except _DRIVER_ERRORS as exc:
-            raise _translate(exc, self._secrets) from exc
+            raise self._error(exc) from exc
 
     # -- schema ----------------------------------------------------------------------------
     async def ping(self) -> None:
@@ -251,21 +301,50 @@ class Store:
                 return 0
             return int((await tx.rows("schema_version"))[0]["version"])
 
+    async def missing_roles(self) -> list[str]:
+        """The group roles of the schema (:data:`GROUP_ROLES`) that do not exist in the cluster."""
+        rows = await self._rows("roles_missing", {"roles": list(GROUP_ROLES)})
+        return [str(r["rolname"]) for r in rows]
+
+    async def privileges(self, role: str, retention: bool) -> Privileges:
+        """What the connected user lacks of what ``role`` (``outbox_relay``) is granted for the
+        daemon's work; ``retention`` adds ``outbox.purge_finished``. Read from the catalogs by
+        object id, so a user without any privilege can ask too."""
+        row = (await self._rows("privileges_relay", {"role": role, "retention": retention}))[0]
+        return Privileges(
+            user=str(row["usr"]),
+            found=bool(row["found"]),
+            missing=list(row["missing"] or []),
+            member=row["member"],
+            owner=bool(row["owner"]),
+        )
+
     @asynccontextmanager
     async def migration_session(self) -> AsyncIterator[MigrationSession]:
-        """A connection holding the migrations advisory lock for as long as it is open."""
+        """A connection holding the migrations advisory lock for as long as it is open.
+
+        The server's notices and warnings on it (a role the user may not create, ...) go to
+        :attr:`notices` as they arrive."""
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(queries()["migrations_lock"])
+                self._user = self._user or conn.info.user
+                handler = _notice_handler(self.notices) if self.notices else None
+                if handler is not None:
+                    conn.add_notice_handler(handler)
                 try:
-                    yield MigrationSession(conn)
+                    await conn.execute(queries()["migrations_lock"])
+                    try:
+                        yield MigrationSession(conn)
+                    finally:
+                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                            await conn.execute(queries()["migrations_unlock"])
+                        else:  # interrupted half-way: closing the session releases the lock
+                            self.pool.discard(conn)
                 finally:
-                    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                        await conn.execute(queries()["migrations_unlock"])
-                    else:  # interrupted half-way: closing the session releases the lock
-                        self.pool.discard(conn)
+                    if handler is not None:
+                        conn.remove_notice_handler(handler)
         except _DRIVER_ERRORS as exc:
-            raise _translate(exc, self._secrets) from exc
+            raise self._error(exc) from exc
 
     # -- writers ---------------------------------------------------------------------------
     async def enqueue(
@@ -383,7 +462,7 @@ class Store:
                 libpq_conninfo(self.url), autocommit=True, application_name="outbox-relay listener"
             )
         except (psycopg.Error, OSError) as exc:
-            raise _translate(exc, self._secrets) from exc
+            raise self._error(exc) from exc
         try:
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             if ready is not None:
@@ -391,7 +470,7 @@ class Store:
             async for _ in conn.notifies():
                 yield None
         except (psycopg.Error, OSError) as exc:
-            raise _translate(exc, self._secrets) from exc
+            raise self._error(exc) from exc
         finally:
             await conn.close()
 
@@ -584,7 +663,28 @@ class MigrationSession:
             await Transaction(self._conn).rows("migrations_record", params)
 
 
+def _notice_handler(notices: Callable[[str], None]) -> Callable[[psycopg.errors.Diagnostic], None]:
+    def handle(diag: psycopg.errors.Diagnostic) -> None:
+        line = f"{diag.severity or 'NOTICE'}: {diag.message_primary or ''}"
+        if diag.message_hint:
+            line += f" (hint: {diag.message_hint})"
+        notices(line)
+
+    return handle
+
+
 # -- operators and metrics -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Privileges:
+    """What :meth:`Store.privileges` found for the connected user."""
+
+    user: str
+    found: bool  # the schema's objects exist
+    missing: list[str]  # e.g. "select on outbox.schema_migrations"
+    member: bool | None  # a member of the role; None when the role does not exist
+    owner: bool  # owns the schema (may do anything)
+
+
 @dataclass(frozen=True)
 class TargetBacklog:
     """What :meth:`Store.backlog` reports for one target."""

@@ -25,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relay.core.engine import Engine, Observer
 from relay.durations import human_duration
-from relay.errors import DatabaseError, RelayError, SchemaError
+from relay.errors import DatabaseError, PermissionDenied, RelayError, SchemaError
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store
 from relay.service.logs import configure_logging
@@ -92,7 +92,7 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.monotonic = monotonic
-        self.store = Store(settings.require_database_url(), pool_size=4)
+        self.store = Store(settings.require_database_url(), pool_size=4, role="outbox_relay")
         self.metrics = Metrics(targets=settings.targets)
         self.engine = Engine(settings, self.store, observer=observer or self.metrics)
         self.metrics_server: MetricsServer | None = None
@@ -279,7 +279,11 @@ class Relay:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def wait_for_database(self) -> None:
-        """Block until the database answers and the schema is current (systemd READY gate)."""
+        """Block until the database answers and the schema is current (systemd READY gate).
+
+        An unreachable database is waited for; a schema behind, or a user without the privileges
+        the relay needs (:class:`PermissionDenied`, which names the grant), ends the start: no
+        wait cures a configuration error."""
         delay = 0.5
         while not self.stop_event.is_set():
             try:
@@ -290,7 +294,7 @@ class Relay:
                         "run `outbox-relay migrate`"
                     )
                 return
-            except SchemaError:
+            except (SchemaError, PermissionDenied):
                 raise
             except DatabaseError as exc:
                 log.warning("waiting for the database", extra={"error": str(exc)})
