@@ -323,26 +323,19 @@ class Store:
     async def migration_session(self) -> AsyncIterator[MigrationSession]:
         """A connection holding the migrations advisory lock for as long as it is open.
 
-        The server's notices and warnings on it (a role the user may not create, ...) go to
-        :attr:`notices` as they arrive."""
+        The server's notices and warnings while a migration file runs (a role the user may not
+        create, ...) go to :attr:`notices` as they arrive."""
         try:
             async with self.pool.connection() as conn:
                 self._user = self._user or conn.info.user
-                handler = _notice_handler(self.notices) if self.notices else None
-                if handler is not None:
-                    conn.add_notice_handler(handler)
+                await conn.execute(queries()["migrations_lock"])
                 try:
-                    await conn.execute(queries()["migrations_lock"])
-                    try:
-                        yield MigrationSession(conn)
-                    finally:
-                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                            await conn.execute(queries()["migrations_unlock"])
-                        else:  # interrupted half-way: closing the session releases the lock
-                            self.pool.discard(conn)
+                    yield MigrationSession(conn, self.notices)
                 finally:
-                    if handler is not None:
-                        conn.remove_notice_handler(handler)
+                    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                        await conn.execute(queries()["migrations_unlock"])
+                    else:  # interrupted half-way: closing the session releases the lock
+                        self.pool.discard(conn)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc) from exc
 
@@ -647,8 +640,11 @@ class Transaction:
 class MigrationSession:
     """Migration primitives on a session that holds the migrations lock."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(
+        self, conn: psycopg.AsyncConnection[Any], notices: Callable[[str], None] | None = None
+    ) -> None:
         self._conn = conn
+        self._notices = notices
 
     async def applied(self) -> dict[int, tuple[str, str]]:
         await self._conn.execute(queries()["migrations_bootstrap"])  # several statements, no parameters
@@ -656,11 +652,19 @@ class MigrationSession:
         return {int(r["version"]): (str(r["name"]), str(r["checksum"])) for r in rows}
 
     async def apply(self, version: int, name: str, checksum: str, sql: str) -> None:
-        """Run one migration file and record it, in one transaction."""
-        async with self._conn.transaction():
-            await self._conn.execute(sql.encode())  # the file as written: no parameter substitution
-            params = {"version": version, "name": name, "checksum": checksum}
-            await Transaction(self._conn).rows("migrations_record", params)
+        """Run one migration file and record it, in one transaction; what the server notices
+        meanwhile goes to ``notices`` (the bookkeeping's own "already exists" notices do not)."""
+        handler = _notice_handler(self._notices) if self._notices else None
+        if handler is not None:
+            self._conn.add_notice_handler(handler)
+        try:
+            async with self._conn.transaction():
+                await self._conn.execute(sql.encode())  # the file as written: no parameter substitution
+                params = {"version": version, "name": name, "checksum": checksum}
+                await Transaction(self._conn).rows("migrations_record", params)
+        finally:
+            if handler is not None:
+                self._conn.remove_notice_handler(handler)
 
 
 def _notice_handler(notices: Callable[[str], None]) -> Callable[[psycopg.errors.Diagnostic], None]:
