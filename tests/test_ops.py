@@ -590,12 +590,13 @@ def test_auditors_read_the_operator_requeues_and_the_relay_purges(
     ):
         result = cli(*args, env=auditor)
         assert result.returncode == 0, (args, result.stderr)
-    denied = cli("dead", "retry", "dead-a", env=auditor)
-    assert denied.returncode == 1 and "permission denied" in denied.stderr
+    denied = cli("dead", "retry", "dead-a", env=auditor)  # a missing grant is the configuration's: exit 2
+    assert denied.returncode == 2 and "permission denied" in denied.stderr
+    assert "grant outbox_operator to outbox_auditor" in denied.stderr
     assert len(denied.stderr.strip().splitlines()) == 1
     relay = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_relay"}
     denied = cli("dead", "retry", "dead-a", env=relay)  # re-queueing is a person's decision
-    assert denied.returncode == 1 and "permission denied for function requeue_dead" in denied.stderr
+    assert denied.returncode == 2 and "permission denied for function requeue_dead" in denied.stderr
     operator = {"RELAY_DATABASE_URL": database_url, "PGOPTIONS": "-c role=outbox_operator"}
     retried = cli("dead", "retry", "dead-a", env=operator)
     assert retried.returncode == 0, retried.stderr

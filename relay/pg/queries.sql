@@ -32,6 +32,9 @@ from outbox.schema_migrations
 -- schema_exists --
 select to_regclass('outbox.schema_migrations') is not null as present
 
+-- whoami --
+select current_user as name
+
 -- roles_missing --
 select r.rolname
 from unnest(cast(:roles as text[])) with ordinality as r (rolname, n)

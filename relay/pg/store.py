@@ -259,11 +259,23 @@ class Store:
     async def _tx(self) -> AsyncIterator[Transaction]:
         """Several named statements in one transaction."""
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                self._user = self._user or conn.info.user
-                yield Transaction(conn)
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.transaction():
+                        yield Transaction(conn)
+                except psycopg.errors.InsufficientPrivilege:
+                    await self._whoami(conn)
+                    raise
         except _DRIVER_ERRORS as exc:
             raise self._error(exc) from exc
+
+    async def _whoami(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Who was refused a privilege: ``current_user`` (``SET ROLE`` included), asked on the
+        session that was refused, for the message's ``grant ROLE to USER``."""
+        try:
+            self._user = str((await Transaction(conn).rows("whoami"))[0]["name"])
+        except psycopg.Error:
+            self._user = self._user or conn.info.user
 
     def _error(self, exc: BaseException) -> Exception:
         return _translate(exc, self._secrets, self.role, self._user)
@@ -280,9 +292,11 @@ class Store:
         """Run one named statement in its own implicit transaction: one round trip."""
         try:
             async with self.pool.connection() as conn:
-                self._user = self._user or conn.info.user
                 try:
                     return await Transaction(conn).rows(name, params, source)
+                except psycopg.errors.InsufficientPrivilege:
+                    await self._whoami(conn)
+                    raise
                 except psycopg.errors.ReadOnlySqlTransaction:
                     # The session is read-only for life (opened while the database was read-only,
                     # or on a standby): never hand this one out again.
