@@ -140,6 +140,7 @@ def test_unit_service_settings() -> None:
         "WatchdogSec": "30s",
         "Restart": "on-failure",
         "RestartSec": "5s",
+        "RestartPreventExitStatus": "2",
         "TimeoutStopSec": "30s",
         "KillSignal": "SIGTERM",
         "DynamicUser": "yes",
