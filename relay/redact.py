@@ -27,7 +27,19 @@ __all__ = ["MASK", "mask", "redact", "redact_url", "scrub_secrets", "secret_form
 
 MASK = "***"
 
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
+# Words that follow "bearer" or "token:" in prose (an API's error message, ours), never a secret.
+_WORDS = ("token", "tokens", "credentials", "authentication", "authorization", "required")
+# "Bearer" and a value that looks like a token: one with a digit or one of -._~+/= in it, or
+# letters only from 8 up (RFC 6750's token68). Ordinary words after "bearer" stay: "expired
+# bearer token", "Bearer realm=...", "bearer credentials", so a message stays readable.
+_BEARER = re.compile(
+    rf"""(?ix)
+    \b(bearer)\s+
+    (?!(?:{"|".join(_WORDS)})\b)
+    (?=[a-z]{{8}}|[a-z0-9\-._~+/]*[0-9\-._~+/])
+    [a-z0-9\-._~+/]+=*
+    """
+)
 _ASSIGNMENT = re.compile(
     r"""(?ix)
     \b(client_secret|access_token|refresh_token|id_token|api_token|token|password|passwd|pwd)
@@ -35,6 +47,16 @@ _ASSIGNMENT = re.compile(
     ([^\s&"',;}]+)
     """
 )
+
+
+def _assignment(m: re.Match[str]) -> str:
+    # "bearer token: credentials refused" is prose, not an assignment: a colon and a space, no
+    # quote, and one of the words above.
+    if m.group(2).startswith(":") and m.group(2) != ":" and m.group(3).lower() in _WORDS:
+        return m.group(0)
+    return f"{m.group(1)}{m.group(2)}{MASK}"
+
+
 # scheme://user:password@  (user may be empty; password stops at '@', whitespace or '/').
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)")
 
@@ -45,7 +67,7 @@ def redact(text: str) -> str:
         return text
     text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
-    return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+    return _ASSIGNMENT.sub(_assignment, text)
 
 
 def redact_url(url: str) -> str:

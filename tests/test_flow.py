@@ -350,6 +350,27 @@ def test_trip_opens_at_once_for_the_given_time() -> None:
     assert state(breaker) is BreakerState.CLOSED
 
 
+def test_hold_backs_off_while_the_probes_are_refused() -> None:
+    """An auth pause: open_for at first, doubled for each refused probe up to max_open_for; late
+    refusals while open start the period over without doubling; a success starts from scratch."""
+    breaker, clock = make_breaker(BreakerSettings(failure_threshold=3, open_for=2.0, max_open_for=15.0))
+    periods = []
+    for _ in range(6):
+        periods.append(breaker.hold("HTTP 401: credentials refused"))
+        assert state(breaker) is BreakerState.OPEN and breaker.allow() is False
+        assert breaker.retry_in() == pytest.approx(periods[-1])
+        clock.advance(periods[-1])
+        assert breaker.allow() is True  # the probe, refused again on the next turn
+    assert periods == [2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+
+    breaker.record_success()
+    assert breaker.hold("403") == 2.0
+    clock.advance(1.0)
+    assert breaker.hold("403 sent before the pause") == 2.0  # while open: no doubling
+    assert breaker.retry_in() == pytest.approx(2.0)
+    assert breaker.reason == "403 sent before the pause"
+
+
 def test_trip_replaces_a_longer_failure_pause() -> None:
     breaker, _ = make_breaker()
     for _ in range(3):

@@ -156,6 +156,36 @@ def test_redact_leaves_ordinary_text_alone() -> None:
     assert redact(text) == text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The sandbox's 401 (and Mirakl's) as the relay's pause reason quotes it.
+        "HTTP 401 UNAUTHORIZED: missing, invalid or expired bearer token: credentials refused, pausing the target",
+        'WWW-Authenticate: Bearer realm="connect", error="invalid_token"',
+        "bearer tokens are required; Bearer authentication failed",
+    ],
+)
+def test_redact_leaves_words_after_bearer_alone(text: str) -> None:
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("Authorization: Bearer sandbox-token", "Authorization: Bearer ***"),
+        ("Bearer abc123", "Bearer ***"),
+        ("bearer s3cr3t, then", "bearer ***, then"),
+        ("Bearer QWxhZGRpbjpvcGVu", "Bearer ***"),  # letters only, 8 and more: a token
+        ("Bearer tokenvalue", "Bearer ***"),  # begins with a word, is not one
+        ("token: abc", "token: ***"),
+        ('{"token": "credentials"}', '{"token": "***"}'),
+        ("token=credentials", "token=***"),
+    ],
+)
+def test_redact_still_masks_what_looks_like_a_token(text: str, masked: str) -> None:
+    assert redact(text) == masked
+
+
 def test_configure_twice_does_not_duplicate_handlers() -> None:
     root = logging.getLogger()
     before = len(root.handlers)

@@ -225,9 +225,9 @@ async def test_token_endpoint_down_rows_wait_uncharged_then_deliver(
             lane = relay.engine.lanes["default"]
             await until(lambda: lane.state()[0] != "serving", 20, "the target to pause without a token")
             lane_state = relay.engine.lane_states()[0]
-            # Every probe (open_for, 2 s, after the pause) tries for a token, fails and opens the
-            # breaker again. The window runs from one failed probe to the next, so that the relay
-            # did try to send during it (a window without a try would prove nothing).
+            # Every probe (open_for, 2 s, after the pause, then 4 s, ...) tries for a token, fails
+            # and opens the breaker again. The window runs from one failed probe to the next, so
+            # that the relay did try to send during it (a window without a try would prove nothing).
             paused_at = lane.breaker.opened_at
             await until(lambda: lane.breaker.opened_at not in (None, paused_at), 20, "a first probe")
             probe_at = lane.breaker.opened_at
@@ -389,7 +389,7 @@ async def test_forbidden_pauses_the_target_without_charging_and_resumes(
     assert status["paused"] is True and "403" in status["pause_reason"], status
     assert status["pending"] + status["in_flight"] == 100 and status["delivered"] == 0
     assert held == [(100, 0, 100)]  # nothing delivered, no attempt consumed
-    # While paused, only a probe every couple of seconds reaches the API.
+    # While paused, only a probe every couple of seconds at most reaches the API (backing off).
     assert 1 <= probes <= probe_window / 2.0 + 2, (probes, probe_window)
     assert await astates(database_url) == {"delivered": 100}
     assert rows(database_url, "select max(attempts), min(attempts) from outbox.action_status_updates") == [

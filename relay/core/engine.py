@@ -31,6 +31,7 @@ from relay.core.classify import Decision, Verdict, classify
 from relay.core.flow import BreakerState, CircuitBreaker, TokenBucket
 from relay.core.recorder import Recorder
 from relay.core.sending import SendMarks
+from relay.durations import human_duration
 from relay.errors import AuthError, DatabaseError
 from relay.pg.store import AttemptRecord, ClaimedRow, RowResult, Store
 from relay.sanitize import one_line, storable_bytes
@@ -172,8 +173,12 @@ class Engine:
         observer: Observer | None = None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_state_change: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Called with (target, state) each time a target starts or stops serving, or a probe
+        # goes out or is refused: the daemon writes outbox.relay_targets at once.
+        self.on_state_change = on_state_change
         self.store = store
         self.observer: Observer = observer or _NoObserver()
         self.rand = rand
@@ -430,6 +435,7 @@ class Engine:
                 return self._release(row), []
             if not lane.breaker.allow():
                 return self._release(row, lane.breaker.retry_in()), []
+            self._report_lane(lane)  # a probe may have just left the pause
             if lane.bucket is not None:
                 wait = lane.bucket.wait_time()
                 if wait + self._needs(lane) > self._left(row):  # would outlive the lease: give it back
@@ -588,20 +594,45 @@ class Engine:
         return result
 
     def _pause(self, lane: Lane, reason: str) -> None:
-        if lane.breaker.state != BreakerState.OPEN:
-            log.error("target paused", extra={"target": lane.name, "reason": reason})
-        lane.breaker.trip(reason, max(lane.breaker.open_period, self.settings.breaker.open_for))
+        """The target refuses us (401/403, no token): paused at once, probed with backoff."""
+        lane.breaker.hold(reason)
+        self._report_lane(lane, logging.ERROR)
 
-    def _report_lane(self, lane: Lane) -> None:
+    def _report_lane(self, lane: Lane, level: int = logging.WARNING) -> None:
+        """Log and announce a change of the lane's state, once per change.
+
+        Serving → paused is logged at ``level`` (ERROR for refused credentials, WARNING for the
+        breaker opening on transient failures), paused → serving at INFO (``target resumed``).
+        Probes and refused probes in between (paused ↔ probing) are logged at DEBUG only: a long
+        pause is recalled by the daemon's reminders, not once per probe.
+        """
         state, reason = lane.state()
-        if state != lane.last_state:
-            lane.last_state = state
-            lane.paused_since = None if state == "serving" else (lane.paused_since or time.monotonic())
-            self.observer.circuit(lane.name, lane.breaker.state.value)
-            if state == "serving":
-                log.info("target resumed", extra={"target": lane.name})
-            elif state == "paused" and reason and "paused" not in reason:
-                log.warning("target paused", extra={"target": lane.name, "reason": reason})
+        if state == lane.last_state:
+            return
+        before, lane.last_state = lane.last_state, state
+        self.observer.circuit(lane.name, lane.breaker.state.value)
+        now = time.monotonic()
+        if state == "serving":
+            paused_for = now - lane.paused_since if lane.paused_since is not None else 0.0
+            lane.paused_since = None
+            log.info("target resumed", extra={"target": lane.name, "paused_for": human_duration(paused_for)})
+        elif before == "serving":
+            lane.paused_since = now
+            next_probe = human_duration(lane.breaker.retry_in())
+            log.log(
+                level,
+                "target paused",
+                extra={"target": lane.name, "reason": reason, "next_probe_in": next_probe},
+            )
+        elif state == "probing":
+            log.debug("probing target", extra={"target": lane.name})
+        else:
+            next_probe = human_duration(lane.breaker.retry_in())
+            log.debug(
+                "probe failed", extra={"target": lane.name, "reason": reason, "next_probe_in": next_probe}
+            )
+        if self.on_state_change is not None:
+            self.on_state_change(lane.name, state)
 
     def lane_states(self) -> list[tuple[str, str, str | None]]:
         return [(name, *lane.state()) for name, lane in self.lanes.items()]

@@ -182,8 +182,9 @@ class CircuitBreaker:
       closes the breaker and resets the period; ``record_failure()`` re-opens it for twice
       the previous period, at most ``max_open_for``.
 
-    ``trip(reason, seconds)`` opens it at once for a given time (persistent 401/403: the
-    target is paused until credentials work again); a probe follows as above.
+    ``trip(reason, seconds)`` opens it at once for a given time; ``hold(reason)`` opens it at
+    once with the same doubling as above (persistent 401/403, no token: the target is paused
+    until credentials work again, probed after 2, 4, 8, ... seconds); a probe follows as above.
 
     A probe whose outcome is never recorded (its task was cancelled, say) would hold the
     breaker half-open forever, so after ``probe_timeout`` seconds another probe is let
@@ -307,6 +308,24 @@ class CircuitBreaker:
         elif self._state is BreakerState.HALF_OPEN:
             period = min(self._settings.max_open_for, self._period * 2.0)
             self._open(now, period, f"probe failed after {self._failures} consecutive transient failures")
+
+    def hold(self, reason: str) -> float:
+        """Open at once because the target refuses us (credentials refused, no token), with backoff.
+
+        From closed: for ``open_for``. When the probe was refused too (half-open): for twice the
+        last period, at most ``max_open_for``, so a target that keeps refusing is probed less and
+        less often. While already open (answers to requests sent before the pause): the period
+        starts over at its current length. Returns the period.
+        """
+        now = self._clock()
+        self._advance(now)
+        period = max(self._period, self._settings.open_for)
+        if self._state is BreakerState.HALF_OPEN:
+            period = min(self._settings.max_open_for, period * 2.0)
+        elif self._state is BreakerState.CLOSED:
+            period = self._settings.open_for
+        self._open(now, period, reason)
+        return period
 
     def trip(self, reason: str, seconds: float) -> None:
         """Open at once for ``seconds`` (e.g. an auth pause), whatever the state."""

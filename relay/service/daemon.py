@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import time
@@ -25,7 +26,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relay.core.engine import Engine, Observer
 from relay.durations import human_duration
-from relay.errors import DatabaseError, PermissionDenied, RelayError, SchemaError
+from relay.errors import ConfigError, DatabaseError, PermissionDenied, RelayError, SchemaError
 from relay.pg.migrations import latest_version
 from relay.pg.store import Store
 from relay.service.logs import configure_logging
@@ -36,6 +37,9 @@ from relay.settings import Settings
 log = logging.getLogger("relay.daemon")
 
 HEARTBEAT_SECONDS = 10.0
+# How often (seconds) the journal gets a ``progress`` line, when something was delivered or
+# dead-lettered since the last one.
+PROGRESS_SECONDS = 60.0
 # What a drain may go without progress on top of the lease: a slow database write (stall_after).
 STALL_SLACK = 30.0
 # A target paused this long (seconds) is logged again: at 5 min, 15 min, 1 h, then every hour.
@@ -70,10 +74,32 @@ def pause_alerts_due(paused_for: float) -> int:
 
 
 class _SkipNoise(logging.Filter):
-    """A drain that is already running absorbs the next tick; that is not worth a warning."""
+    """A drain that is already running absorbs the next tick, and a job that starts late (a slow
+    start, a busy event loop) simply runs late: neither is worth a warning. (Our jobs are added
+    with ``misfire_grace_time=None``, so APScheduler does not skip them; this keeps its
+    ``was missed by`` out of the log should one ever be.)"""
+
+    NOISE = ("maximum number of running instances reached", "was missed by")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "maximum number of running instances reached" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+# APScheduler's loggers that speak of our jobs' timing (a filter is not inherited by children).
+_SCHEDULER_LOGGERS = ("apscheduler", "apscheduler.scheduler", "apscheduler.executors.default")
+
+
+def metrics_listen_error(host: str, port: int, exc: OSError) -> str:
+    """The one line for a metrics address that cannot be listened on, naming the setting."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why = "address already in use (another process listens there: stop it or choose another port)"
+    elif exc.errno == errno.EACCES:
+        why = "permission denied (ports below 1024 need privileges: choose a port from 1024)"
+    else:
+        why = (exc.strerror or str(exc)).lower()
+    return f"metrics_listen {address}: {why}"
 
 
 class Relay:
@@ -89,12 +115,16 @@ class Relay:
         *,
         observer: Observer | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        progress_every: float = PROGRESS_SECONDS,
     ) -> None:
         self.settings = settings
         self.monotonic = monotonic
+        self.progress_every = progress_every
         self.store = Store(settings.require_database_url(), pool_size=4, role="outbox_relay")
         self.metrics = Metrics(targets=settings.targets)
-        self.engine = Engine(settings, self.store, observer=observer or self.metrics)
+        self.engine = Engine(
+            settings, self.store, observer=observer or self.metrics, on_state_change=self._lane_changed
+        )
         self.metrics_server: MetricsServer | None = None
         self.notifier = Notifier(settings.systemd)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -109,6 +139,13 @@ class Relay:
         self._stalled_from: float | None = None  # last progress before the stall being reported
         self._pause_alerts: dict[str, int] = {}  # target -> pause_alerts_due() already logged
         self._probe_failing = False  # the health check's last database check failed
+        self._states_lock = asyncio.Lock()  # one outbox.relay_targets write at a time, in order
+        self._states_due = False  # a write of the targets' states is scheduled
+        self._states_task: asyncio.Task[None] | None = None
+        self._closing = False  # past this, no more state writes (the relay's rows are removed)
+        self._reported = (0, 0)  # engine.delivered, engine.dead at the last progress line
+        self._ready = False  # start-up finished: READY=1 was sent
+        self._start_failed = False
 
     # -- wake-ups --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -240,11 +277,11 @@ class Relay:
         gauges, logs long pauses again (:func:`pause_alerts_due`), feeds the systemd watchdog
         only while the drain job is healthy, and sets the status line.
         """
-        states = self.engine.lane_states()
         try:
-            await self.store.heartbeat(self.settings.relay_id, states)
+            states = await self._write_states()
             self.metrics.backlogs(await self.store.backlog(list(self.settings.targets)))
         except RelayError as exc:
+            states = self.engine.lane_states()
             log.debug("heartbeat failed", extra={"error": str(exc)})
         paused_for = self.engine.paused_for()
         for name in self.engine.lanes:
@@ -258,6 +295,52 @@ class Relay:
         summary += f"; paused: {', '.join(paused)}" if paused else ""
         summary += f"; stalled: {problem}" if self._stalled_from is not None else ""
         self.notifier.status(summary)
+
+    async def _write_states(self) -> list[tuple[str, str, str | None]]:
+        """Write the targets' states to ``outbox.relay_targets``; the states are read under the
+        lock, so a later write never carries older states than an earlier one."""
+        async with self._states_lock:
+            states = self.engine.lane_states()
+            await self.store.heartbeat(self.settings.relay_id, states)
+            return states
+
+    def _lane_changed(self, target: str, state: str) -> None:
+        """The engine saw a target change state: ``status`` shows it now, not at the next heartbeat."""
+        if self._states_due or self._closing or not self.scheduler.running:
+            return
+        self._states_due = True
+        self._states_task = asyncio.get_running_loop().create_task(self._write_states_now())
+
+    async def _write_states_now(self) -> None:
+        self._states_due = False  # a change from here on schedules another write
+        try:
+            await self._write_states()
+        except RelayError as exc:
+            log.debug("writing the targets' states failed", extra={"error": str(exc)})
+
+    async def progress(self) -> None:
+        """One ``progress`` line (INFO) when rows were delivered or dead-lettered since the last
+        one: how many, and the backlog left (pending rows and the oldest one's age) of the
+        configured targets. Nothing while idle."""
+        delivered, dead = self.engine.delivered, self.engine.dead
+        if (delivered, dead) == self._reported:
+            return
+        fields: dict[str, object] = {
+            "delivered": delivered - self._reported[0],
+            "dead": dead - self._reported[1],
+        }
+        self._reported = (delivered, dead)
+        try:
+            backlog = await self.store.backlog(list(self.settings.targets))
+        except RelayError as exc:
+            log.debug("progress: backlog unavailable", extra={"error": str(exc)})
+        else:
+            mine = [b for b in backlog if b.target in self.settings.targets]
+            fields["pending"] = sum(b.pending for b in mine)
+            fields["oldest_pending"] = human_duration(
+                max((b.oldest_pending_seconds for b in mine), default=0.0)
+            )
+        log.info("progress", extra=fields)
 
     def _escalate_pauses(self, paused_for: dict[str, float], reasons: dict[str, str | None]) -> None:
         """``target still paused`` at ERROR each time a pause reaches its next step; a target
@@ -307,8 +390,8 @@ class Relay:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop_event.set)
-        logging.getLogger("apscheduler").addFilter(_SkipNoise())
-        logging.getLogger("apscheduler.scheduler").addFilter(_SkipNoise())
+        for name in _SCHEDULER_LOGGERS:
+            logging.getLogger(name).addFilter(_SkipNoise())
         targets = ", ".join(f"{t.name}={t.base_url}" for t in self.settings.targets.values())
         log.info("starting", extra={"relay_id": self.settings.relay_id, "targets": targets})
         listener: asyncio.Task[None] | None = None
@@ -316,30 +399,14 @@ class Relay:
             await self.wait_for_database()
             if self.stop_event.is_set():
                 return
-            self.scheduler.add_job(
-                self._drain,
-                "interval",
-                seconds=self.settings.poll_interval,
-                id="drain",
-                max_instances=1,
-                coalesce=True,
-                next_run_time=datetime.now(UTC),
-                misfire_grace_time=None,
-            )
-            self.scheduler.add_job(
-                self.heartbeat,
-                "interval",
-                seconds=self._heartbeat_seconds(),
-                id="heartbeat",
-                max_instances=1,
-                coalesce=True,
-                next_run_time=datetime.now(UTC),
-            )
-            self._add_retention_job()
+            self.add_jobs()
             if self.settings.metrics_listen is not None:
                 host, port = self.settings.metrics_listen
                 self.metrics_server = MetricsServer(self.metrics, host, port, self.health)
-                await self.metrics_server.start()
+                try:
+                    await self.metrics_server.start()
+                except OSError as exc:
+                    raise ConfigError(metrics_listen_error(host, port, exc)) from exc
                 log.info("metrics listening", extra={"address": f"{host}:{self.metrics_server.port}"})
             listener = asyncio.create_task(self._listen())
             with contextlib.suppress(TimeoutError):
@@ -347,12 +414,48 @@ class Relay:
             # READY before the first job runs, so systemd sees READY=1 before any STATUS=.
             self.notifier.ready(f"relaying for {len(self.settings.targets)} target(s)")
             log.info("ready", extra={"relay_id": self.settings.relay_id})
+            self._ready = True
             self.scheduler.start()
             await self.stop_event.wait()
             log.info("shutting down", extra={"timeout": self.settings.shutdown_timeout})
             self.notifier.stopping()
+        except Exception as exc:
+            if not self._ready:  # the error, not a "stopped" summary that reads as a clean stop
+                self._start_failed = True
+                log.error("start failed", extra={"error": str(exc)})
+            raise
         finally:
             await self._shutdown(listener)
+
+    def add_jobs(self) -> None:
+        """The scheduler's jobs: drain (the fallback to LISTEN), heartbeat, progress, retention.
+
+        Each runs however late it comes (``misfire_grace_time=None``) and late runs coalesce
+        into one: a slow start or a busy event loop delays a job, never skips it, and APScheduler
+        has nothing to warn about.
+        """
+        now = datetime.now(UTC)
+        timely = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        self.scheduler.add_job(
+            self._drain,
+            "interval",
+            seconds=self.settings.poll_interval,
+            id="drain",
+            next_run_time=now,
+            **timely,
+        )
+        self.scheduler.add_job(
+            self.heartbeat,
+            "interval",
+            seconds=self._heartbeat_seconds(),
+            id="heartbeat",
+            next_run_time=now,
+            **timely,
+        )
+        self.scheduler.add_job(
+            self.progress, "interval", seconds=self.progress_every, id="progress", **timely
+        )
+        self._add_retention_job()
 
     def _heartbeat_seconds(self) -> float:
         interval = self.notifier.watchdog_interval()
@@ -373,7 +476,9 @@ class Relay:
             except RelayError as exc:
                 log.error("retention purge failed", extra={"error": str(exc)})
 
-        self.scheduler.add_job(purge, "cron", minute=17, id="purge", max_instances=1, coalesce=True)
+        self.scheduler.add_job(
+            purge, "cron", minute=17, id="purge", max_instances=1, coalesce=True, misfire_grace_time=None
+        )
 
     async def _shutdown(self, listener: asyncio.Task[None] | None) -> None:
         # Pause, not shut down: shutting the scheduler down cancels a running drain mid-write.
@@ -392,11 +497,17 @@ class Relay:
             self.scheduler.shutdown(wait=False)
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        self._closing = True
+        if self._states_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._states_task
         with contextlib.suppress(RelayError):
             await self.store.forget_relay(self.settings.relay_id)
         await self.engine.close()
         await self.store.close()
         self.notifier.close()
+        if self._start_failed:
+            return
         log.info(
             "stopped",
             extra={
