@@ -69,7 +69,8 @@ SOURCE = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "relay").rglob
 
 def _logged(level: str, logger: str, message: str) -> bool:
     """Whether the relay's code logs ``message`` at ``level`` (through a logger named ``logger``)."""
-    call = rf'log\.{level.lower()}\(\s*"{re.escape(message)}"'
+    # log.error("message", ...), or log.log(level, "message", ...) where the level is chosen at run time
+    call = rf'log\.(?:{level.lower()}\(|log\(\s*[\w.]+,)\s*"{re.escape(message)}"'
     modules = [
         p.read_text(encoding="utf-8")
         for p in (ROOT / "relay").rglob("*.py")
