@@ -33,6 +33,13 @@ def test_enqueue_writes_a_row_and_refuses_bad_ones_with_exit_2(database_url: str
     conflict = cli("enqueue", "act/1?x", "--status", "SUCCESS", env=env)
     assert conflict.returncode == 2
     assert 'action "act/1?x" already has a different outcome' in conflict.stderr
+    assert "its status is FAILED, not SUCCESS" in conflict.stderr
+    reworded = cli("enqueue", "act/1?x", "--status", "FAILED", "--error", "OTHER=sold out", env=env)
+    assert reworded.returncode == 2
+    assert reworded.stderr.strip().splitlines() == [
+        'outbox-relay: action "act/1?x" already has a different outcome queued for target "default": '
+        "the same status (FAILED) with different errors"
+    ]
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("select action_id, status, errors from outbox.action_status_updates").fetchall()
     assert rows == [("act/1?x", "FAILED", [{"code": "OTHER", "message": "out of stock"}])]
