@@ -58,6 +58,9 @@ configuration: --config FILE (or RELAY_CONFIG), then RELAY_* variables, e.g.
 """
 
 
+CONFIG_HELP = "TOML configuration file (default: $RELAY_CONFIG); before or after the command"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2.
 
@@ -68,6 +71,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, module: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._module = module
+        if " " in self.prog:  # a command's parser: `outbox-relay status --config F` works too
+            self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"outbox-relay: {message} (see --help)\n")
@@ -154,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="outbox-relay", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"outbox-relay {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $RELAY_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, handler: Handler, help_text: str, description: str = "") -> _Parser:
