@@ -54,7 +54,7 @@ first steps:
   outbox-relay run                       the daemon (systemd: see systemd/outbox-relay.service)
 
 configuration: --config FILE (or RELAY_CONFIG), then RELAY_* variables, e.g.
-  RELAY_DATABASE_URL=postgresql://relay@db/app  RELAY_API_TOKEN_FILE=/run/secrets/token
+  RELAY_DATABASE_URL=postgresql://relay_svc@db/app  RELAY_API_TOKEN_FILE=/run/secrets/token
 """
 
 
