@@ -452,8 +452,9 @@ _DB_URL = re.compile(
 _DB_HOST = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::(?P<port>.*))?", re.DOTALL)
 
 
-def database_params(url: Secret) -> dict[str, str]:
-    """The libpq keywords of a ``postgresql://`` URL, percent-decoded exactly once.
+def database_params(url: Secret, name: str = "database_url") -> dict[str, str]:
+    """The libpq keywords of a ``postgresql://`` URL, percent-decoded exactly once; messages
+    call it ``name`` (the key or variable it came from).
 
     Nothing here renders the URL back into text: a password with ``%``, ``@``, ``/``, spaces or
     non-ASCII letters reaches libpq as it was meant. Messages never quote the URL. Several
@@ -465,20 +466,20 @@ def database_params(url: Secret) -> dict[str, str]:
     text = url.reveal().strip()
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in _DB_SCHEMES:
-        raise ConfigError(f"database_url: {_DB_RULE} (scheme postgresql, postgres or postgresql+psycopg)")
+        raise ConfigError(f"{name}: {_DB_RULE} (scheme postgresql, postgres or postgresql+psycopg)")
     parts = _DB_URL.fullmatch(rest)
     if parts is None or "\x00" in text:
-        raise ConfigError(f"database_url: {_DB_RULE}")
+        raise ConfigError(f"{name}: {_DB_RULE}")
     params: dict[str, str] = {}
     hosts, ports = [], []
     for item in parts["hosts"].split(",") if parts["hosts"] else ():
         host = _DB_HOST.fullmatch(item)
         if host is None:
-            raise ConfigError(f"database_url: {_DB_RULE}")
+            raise ConfigError(f"{name}: {_DB_RULE}")
         hosts.append(unquote(host["ipv6"] if host["ipv6"] is not None else host["name"]))
         port = host["port"]
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigError("database_url: the port must be a number from 1 to 65535")
+            raise ConfigError(f"{name}: the port must be a number from 1 to 65535")
         ports.append(port or "")
     for key, value in (
         ("host", ",".join(hosts)),
@@ -497,11 +498,11 @@ def database_params(url: Secret) -> dict[str, str]:
         try:
             make_conninfo("", **{key: "1"})
         except ProgrammingError:
-            raise ConfigError(f"database_url: unknown connection parameter {_brief(key)}") from None
+            raise ConfigError(f"{name}: unknown connection parameter {_brief(key)}") from None
         params[key] = ",".join(values)
     for port_text in params.get("port", "").split(",") if "port" in params else ():
         if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
-            raise ConfigError("database_url: the port must be a number from 1 to 65535")
+            raise ConfigError(f"{name}: the port must be a number from 1 to 65535")
     return params
 
 
@@ -555,10 +556,10 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-def _metrics_listen(value: str) -> tuple[str, int]:
+def _metrics_listen(value: str, name: str = "metrics_listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics_listen: expected host:port, got {value!r}")
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
@@ -567,8 +568,16 @@ def _target(
     table: Mapping[str, Any],
     defaults: Mapping[str, Any],
     env: Mapping[str, str],
+    variables: Mapping[str, str] | None = None,
 ) -> TargetSettings:
+    """One target from its table (over the top-level ``defaults``); ``variables`` names the
+    ``RELAY_*`` variable each key came from, if one did: messages name what the user set."""
     where = f"targets.{name}"
+    named = variables or {}
+
+    def label(key: str) -> str:
+        return named.get(key, f"{where}.{key}")
+
     if not TARGET_NAME.match(name):
         raise ConfigError(f"{where}: a target name is 1-63 letters, digits, '_', '-' or '.'")
     if name == RESERVED_TARGET:
@@ -583,23 +592,23 @@ def _target(
     token: Secret | None = None
     token_file: Path | None = None
     if "token" in merged:
-        token = Secret(_token_text(str(merged["token"]), f"{where}.token"))
+        token = Secret(_token_text(str(merged["token"]), label("token")))
     if "token_file" in merged:
         token_file = Path(str(merged["token_file"]))
-        token = _read_secret_file(str(token_file), f"{where}.token_file", env)
-        _token_text(token.reveal(), f"{where}.token_file")
+        token = _read_secret_file(str(token_file), label("token_file"), env)
+        _token_text(token.reveal(), label("token_file"))
     if token is None and (token := _credential(env, f"{prefix}api-token")) is not None:
         _token_text(token.reveal(), f"credential {prefix}api-token")
 
     oauth: OAuthSettings | None = None
     if "oauth_client_id" in merged:
-        client_id = _token_text(str(merged["oauth_client_id"]), f"{where}.oauth_client_id")
+        client_id = _token_text(str(merged["oauth_client_id"]), label("oauth_client_id"))
         secret: Secret | None = None
         secret_name = f"credential {prefix}oauth-client-secret"
         if "oauth_client_secret" in merged:
             secret, secret_name = Secret(str(merged["oauth_client_secret"])), f"{where}.oauth_client_secret"
         if "oauth_client_secret_file" in merged:
-            secret_name = f"{where}.oauth_client_secret_file"
+            secret_name = label("oauth_client_secret_file")
             secret = _read_secret_file(str(merged["oauth_client_secret_file"]), secret_name, env)
         secret = secret or _credential(env, f"{prefix}oauth-client-secret")
         if secret is None:
@@ -609,7 +618,7 @@ def _target(
             )
         _secret_text(secret.reveal(), secret_name)
         token_url = check_url(
-            str(merged.get("oauth_token_url", DEFAULT_OAUTH_TOKEN_URL)), f"{where}.oauth_token_url"
+            str(merged.get("oauth_token_url", DEFAULT_OAUTH_TOKEN_URL)), label("oauth_token_url")
         )
         oauth = OAuthSettings(client_id, secret, token_url)
         if token is not None:
@@ -618,18 +627,18 @@ def _target(
     rate = merged.get("rate_limit")
     ca_bundle = merged.get("ca_bundle")
     if ca_bundle is not None and not Path(str(ca_bundle)).is_file():
-        raise ConfigError(f"{where}.ca_bundle: no such file {ca_bundle!r}")
+        raise ConfigError(f"{label('ca_bundle')}: no such file {ca_bundle!r}")
     return TargetSettings(
         name=name,
-        base_url=check_url(str(merged.get("base_url", DEFAULT_API_BASE_URL)), f"{where}.base_url"),
+        base_url=check_url(str(merged.get("base_url", DEFAULT_API_BASE_URL)), label("base_url")),
         token=token,
         token_file=token_file,
         oauth=oauth,
-        request_timeout=ranged("request_timeout", merged.get("request_timeout"), f"{where}.request_timeout"),
-        max_concurrency=ranged("max_concurrency", merged.get("max_concurrency"), f"{where}.max_concurrency"),
-        rate_limit=None if rate in (None, 0, "0", "") else ranged("rate_limit", rate, f"{where}.rate_limit"),
+        request_timeout=ranged("request_timeout", merged.get("request_timeout"), label("request_timeout")),
+        max_concurrency=ranged("max_concurrency", merged.get("max_concurrency"), label("max_concurrency")),
+        rate_limit=None if rate in (None, 0, "0", "") else ranged("rate_limit", rate, label("rate_limit")),
         ca_bundle=Path(str(ca_bundle)) if ca_bundle else None,
-        proxy=check_proxy(str(merged.get("proxy", "")), f"{where}.proxy"),
+        proxy=check_proxy(str(merged.get("proxy", "")), label("proxy")),
     )
 
 
@@ -684,11 +693,23 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     if path:
         _inline_secrets_private(path, doc)
 
+    # What a variable set, messages call by the variable's name: `RELAY_BATCH_SIZE: expected ...`.
+    named: dict[str, str] = {}  # setting ("batch_size", "retry.max_age") -> the variable that set it
     top = {k: v for k, v in doc.items() if k not in ("retry", "breaker", "targets")}
-    top.update({key: env[var] for var, key in _ENV_TOP.items() if env.get(var, "") != ""})
+    for var, key in _ENV_TOP.items():
+        if env.get(var, "") != "":
+            top[key], named[key] = env[var], var
+    if "RELAY_METRICS_LISTEN" in env and not env["RELAY_METRICS_LISTEN"].strip():
+        top["metrics_listen"] = ""  # set but empty: no metrics server, whatever the file says
     retry_table = _table(doc.get("retry", {}), "retry")
     _check_keys(retry_table, {"base_delay", "max_delay", "max_attempts", "max_age"}, "retry")
-    retry_table.update({key: env[var] for var, key in _ENV_RETRY.items() if env.get(var, "") != ""})
+    for var, key in _ENV_RETRY.items():
+        if env.get(var, "") != "":
+            retry_table[key], named[f"retry.{key}"] = env[var], var
+
+    def label(key: str) -> str:
+        return named.get(key, key)
+
     breaker_table = _table(doc.get("breaker", {}), "breaker")
     _check_keys(breaker_table, {"failure_threshold", "open_for", "max_open_for"}, "breaker")
 
@@ -699,10 +720,11 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     for var in _ENV_TOKEN_TEXT:
         if env.get(var, "") != "":
             _token_text(env[var], var)
+    default_named: dict[str, str] = {}
     for var, key in _ENV_DEFAULT_TARGET.items():
         if env.get(var, "") != "":
             default_table.pop(_OTHER_FORM.get(key, ""), None)
-            default_table[key] = env[var]
+            default_table[key], default_named[key] = env[var], var
     # A variable overrides the file's other kind of auth; both kinds in variables is an error.
     env_token = env.get("RELAY_API_TOKEN_FILE") or env.get("RELAY_API_TOKEN")
     env_oauth = env.get("RELAY_OAUTH_CLIENT_ID")
@@ -713,35 +735,48 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         default_table.pop("token_file", None)
     for key in ("request_timeout", "max_concurrency"):
         if key in top:
-            ranged(key, top[key])  # named as the key it was given as, not as a target's
+            ranged(key, top[key], label(key))  # named as the key it was given as, not as a target's
     if top.get("rate_limit") not in (None, 0, "0", ""):
-        ranged("rate_limit", top["rate_limit"])
+        ranged("rate_limit", top["rate_limit"], label("rate_limit"))
     target_defaults = {k: top[k] for k in _TARGET_DEFAULT_KEYS if k in top}
-    targets = {name: _target(name, table, target_defaults, env) for name, table in targets_doc.items()}
+
+    def target_variables(name: str, table: Mapping[str, Any]) -> dict[str, str]:
+        inherited = {k: named[k] for k in _TARGET_DEFAULT_KEYS if k in named and k not in table}
+        return {**inherited, **(default_named if name == DEFAULT_TARGET else {})}
+
+    targets = {
+        name: _target(name, table, target_defaults, env, target_variables(name, table))
+        for name, table in targets_doc.items()
+    }
 
     database_url: Secret | None = None
+    database_from = "database_url"
     if env.get("RELAY_DATABASE_URL"):
-        database_url = Secret(env["RELAY_DATABASE_URL"])
+        database_url, database_from = Secret(env["RELAY_DATABASE_URL"]), "RELAY_DATABASE_URL"
     elif env.get("RELAY_DATABASE_URL_FILE"):
-        database_url = _read_secret_file(env["RELAY_DATABASE_URL_FILE"], "RELAY_DATABASE_URL_FILE", env)
+        database_from = "RELAY_DATABASE_URL_FILE"
+        database_url = _read_secret_file(env["RELAY_DATABASE_URL_FILE"], database_from, env)
     elif "database_url" in top:
         database_url = Secret(str(top["database_url"]))
     elif "database_url_file" in top:
-        database_url = _read_secret_file(str(top["database_url_file"]), "database_url_file", env)
+        database_from = "database_url_file"
+        database_url = _read_secret_file(str(top["database_url_file"]), database_from, env)
     else:
-        database_url = _credential(env, "database-url")
+        database_url, database_from = _credential(env, "database-url"), "credential database-url"
     if database_url is not None:
-        database_params(database_url)  # refused here, at start-up, with one line
+        database_params(database_url, database_from)  # refused here, at start-up, with one line
 
-    base_delay = ranged("retry.base_delay", retry_table.get("base_delay"))
-    max_delay = ranged("retry.max_delay", retry_table.get("max_delay"))
+    base_delay = ranged("retry.base_delay", retry_table.get("base_delay"), label("retry.base_delay"))
+    max_delay = ranged("retry.max_delay", retry_table.get("max_delay"), label("retry.max_delay"))
     if max_delay < base_delay:
         raise ConfigError("retry: max_delay must be at least base_delay")
     retry = RetrySettings(
         base_delay=base_delay,
         max_delay=max_delay,
-        max_attempts=ranged("retry.max_attempts", retry_table.get("max_attempts")),
-        max_age=ranged("retry.max_age", retry_table.get("max_age")),
+        max_attempts=ranged(
+            "retry.max_attempts", retry_table.get("max_attempts"), label("retry.max_attempts")
+        ),
+        max_age=ranged("retry.max_age", retry_table.get("max_age"), label("retry.max_age")),
     )
     open_for = ranged("breaker.open_for", breaker_table.get("open_for"))
     max_open_for = ranged("breaker.max_open_for", breaker_table.get("max_open_for"))
@@ -755,10 +790,12 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
 
     log_format = str(top.get("log_format", "text")).lower()
     if log_format not in ("text", "json"):
-        raise ConfigError(f"log_format: expected text or json, got {log_format!r}")
+        raise ConfigError(f"{label('log_format')}: expected text or json, got {log_format!r}")
     log_level = str(top.get("log_level", "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        raise ConfigError(
+            f"{label('log_level')}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}"
+        )
     retention = top.get("retention")
     extra: dict[str, Any] = {}
     if top.get("relay_id"):
@@ -768,14 +805,18 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         targets=targets,
         retry=retry,
         breaker=breaker,
-        poll_interval=ranged("poll_interval", top.get("poll_interval")),
-        batch_size=ranged("batch_size", top.get("batch_size")),
-        lease=ranged("lease", top.get("lease")),
-        shutdown_timeout=ranged("shutdown_timeout", top.get("shutdown_timeout")),
-        metrics_listen=_metrics_listen(str(top["metrics_listen"])) if top.get("metrics_listen") else None,
+        poll_interval=ranged("poll_interval", top.get("poll_interval"), label("poll_interval")),
+        batch_size=ranged("batch_size", top.get("batch_size"), label("batch_size")),
+        lease=ranged("lease", top.get("lease"), label("lease")),
+        shutdown_timeout=ranged("shutdown_timeout", top.get("shutdown_timeout"), label("shutdown_timeout")),
+        metrics_listen=(
+            _metrics_listen(str(top["metrics_listen"]), label("metrics_listen"))
+            if top.get("metrics_listen")
+            else None
+        ),
         log_format=log_format,
         log_level=log_level,
-        retention=None if retention in (None, "") else ranged("retention", retention),
+        retention=None if retention in (None, "") else ranged("retention", retention, label("retention")),
         retention_include_dead=boolean(top.get("retention_include_dead", False), "retention_include_dead"),
         systemd={k: env[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID") if k in env},
         **extra,

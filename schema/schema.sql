@@ -216,7 +216,7 @@ create trigger action_status_updates_notify
     for each statement execute function outbox.notify_relay();
 
 -- The recommended way to write: an identical repeat returns the existing id; a different
--- outcome for the same action raises an error naming it.
+-- outcome for the same action raises an error naming it and what differs (0004).
 create function outbox.enqueue_action_status(
     action_id text, status text, errors jsonb default '[]', target text default 'default'
 ) returns bigint
@@ -249,8 +249,12 @@ begin
                 errcode = 'unique_violation',
                 constraint = 'action_status_updates_target_action_id_key',
                 schema = 'outbox', table = 'action_status_updates',
-                message = format('action "%s" already has a different outcome queued for target "%s" (%s)',
-                                 action_id, target, existing.status),
+                message = format('action "%s" already has a different outcome queued for target "%s": %s',
+                                 action_id, target,
+                                 case when existing.status is distinct from status
+                                      then format('its status is %s, not %s', existing.status, status)
+                                      else format('the same status (%s) with different errors', status)
+                                 end),
                 hint = 'An action''s outcome is reported once; an identical repeat is accepted.';
         end if;
     end loop;

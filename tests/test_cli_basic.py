@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 
 from tests.relaykit import cli
@@ -33,6 +35,13 @@ def test_enqueue_writes_a_row_and_refuses_bad_ones_with_exit_2(database_url: str
     conflict = cli("enqueue", "act/1?x", "--status", "SUCCESS", env=env)
     assert conflict.returncode == 2
     assert 'action "act/1?x" already has a different outcome' in conflict.stderr
+    assert "its status is FAILED, not SUCCESS" in conflict.stderr
+    reworded = cli("enqueue", "act/1?x", "--status", "FAILED", "--error", "OTHER=sold out", env=env)
+    assert reworded.returncode == 2
+    assert reworded.stderr.strip().splitlines() == [
+        'outbox-relay: action "act/1?x" already has a different outcome queued for target "default": '
+        "the same status (FAILED) with different errors"
+    ]
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("select action_id, status, errors from outbox.action_status_updates").fetchall()
     assert rows == [("act/1?x", "FAILED", [{"code": "OTHER", "message": "out of stock"}])]
@@ -40,10 +49,10 @@ def test_enqueue_writes_a_row_and_refuses_bad_ones_with_exit_2(database_url: str
 
 def test_bad_configuration_is_one_line_and_exit_2(tmp_path: object) -> None:
     cases = [
-        ({"RELAY_BATCH_SIZE": "zero"}, "batch_size"),
+        ({"RELAY_BATCH_SIZE": "zero"}, "RELAY_BATCH_SIZE: "),
         ({"RELAY_API_BASE_URL": "http://api.example.com"}, "plain http:// is refused"),
-        ({"RELAY_RETRY_MAX_DELAY": "soon"}, "retry.max_delay"),
-        ({"RELAY_LOG_FORMAT": "xml"}, "log_format"),
+        ({"RELAY_RETRY_MAX_DELAY": "soon"}, "RELAY_RETRY_MAX_DELAY: "),
+        ({"RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT: "),
         ({"RELAY_CONFIG": "/nonexistent/relay.toml"}, "/nonexistent/relay.toml"),
     ]
     for env, words in cases:
@@ -73,3 +82,22 @@ def test_help_teaches() -> None:
     assert "outbox-relay demo" in result.stdout and "RELAY_DATABASE_URL" in result.stdout
     usage = cli("enqueue", "x")
     assert usage.returncode == 2 and "--status" in usage.stderr
+
+
+def test_config_goes_before_or_after_the_command(database_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'database_url = "{database_url}"\n', encoding="utf-8")
+    for args in (
+        ["--config", str(config), "status", "--json"],
+        ["status", "--json", "--config", str(config)],
+        ["dead", "list", "--config", str(config)],
+        ["--config", "/no/such/file.toml", "status", "--config", str(config)],  # the later one wins
+    ):
+        result = cli(*args)
+        assert result.returncode == 0, (args, result.stderr)
+    lazy = cli("demo", "--stop", str(tmp_path), "--config", str(config))  # a lazily loaded command
+    assert lazy.returncode == 2 and "unrecognized arguments" not in lazy.stderr
+    assert "not a folder made by `outbox-relay demo`" in lazy.stderr
+    missing = cli("status", "--config", str(tmp_path / "missing.toml"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(f"outbox-relay: config file {tmp_path / 'missing.toml'}: ")

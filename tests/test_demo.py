@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,13 @@ def test_human_output_walks_the_seven_steps_and_cleans_up(scratch: Path) -> None
     assert re.search(r"^ +applied twice +0 ", out, re.MULTILINE)
     assert "select * from outbox.delivery_audit where action_id = " in out
     assert result.stderr == ""
+    if os.geteuid() == 0:  # it says what it changed on the machine, and changed no more
+        assert "run as root: PostgreSQL runs as the system user embedded_postgres; changed for it:" in out
+        assert f"chmod go+x {scratch} (was 0700)" in out  # the fixture's folder: traversable, not listable
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o711
+        assert f"chown embedded_postgres {folder}" in out
+    else:
+        assert "run as root" not in out
     assert not folder.exists(), "the folder the demo created must be gone"
     port = int(re.search(r"PostgreSQL started on 127\.0\.0\.1:(\d+)", out).group(1))  # type: ignore[union-attr]
     assert _refused(port)
@@ -232,3 +240,18 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], m
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "something").read_text() == "mine"
+
+
+def test_the_same_seed_gives_the_same_counts(scratch: Path) -> None:
+    """Faults depend on (seed, action id, attempt), not on the order requests arrive in."""
+
+    def counts(folder: str) -> dict[str, Any]:
+        result = demo("--json", "--rows", "150", "--seed", "3", "--data-dir", str(scratch / folder))
+        assert result.returncode == 0, result.stdout + result.stderr
+        s = json.loads(result.stdout)
+        keys = ("delivered", "dead", "retries", "requests", "delivered_earlier", "delivered_on_404", "seed")
+        return {**{k: s[k] for k in keys}, "by_fault": s["sandbox"]["by_fault"]}
+
+    first = counts("pg")
+    assert first["retries"] > 0 and len(first["by_fault"]) >= 3  # faults were on
+    assert counts("demo") == first

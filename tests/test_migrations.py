@@ -13,6 +13,7 @@ from relay.errors import SchemaError
 from relay.pg.migrations import available, migrate, schema_dir
 from relay.pg.store import Store
 from relay.settings import Secret
+from tests.relaykit import cli
 
 
 def _dump(url: str) -> str:
@@ -110,3 +111,15 @@ def test_migrations_and_canonical_ddl_grant_the_same_privileges(
     )
     assert not any("DELETE" in g and "outbox_relay" in g and "relay_targets" not in g for g in migrated)
     assert migrated == canonical
+
+
+def test_an_edited_migration_says_how_to_recover(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("update outbox.schema_migrations set checksum = 'edited' where version = 2")
+    result = cli("migrate", env={"RELAY_DATABASE_URL": database_url})
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    name = available()[1].path.name
+    assert line.startswith(f"outbox-relay: migration {name} changed after it was applied")
+    assert f"git checkout -- schema/migrations/{name}" in line and "reinstall outbox-relay" in line
+    assert "new numbered migration" in line

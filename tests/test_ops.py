@@ -285,6 +285,9 @@ def test_audit_shows_the_update_and_every_attempt_in_order(
     ]
     for column in ("action_id", "time_to_deliver", "last_error", "requeue_reason"):
         assert re.search(rf"^\s+{column}\s", out, re.MULTILINE), column
+    assert re.search(r"^\s+next_attempt_at\s+-$", out, re.MULTILINE)  # dead: no next attempt
+    assert "relay: relay-a" in out and "message: bad" in out
+    assert max(len(line) for line in out.splitlines()) <= 100  # a terminal's width; --json has it all
 
 
 def test_audit_shows_every_target_of_an_action(database_url: str, seeded: dict[tuple[str, str], int]) -> None:
@@ -333,6 +336,16 @@ def test_dead_list_filters(database_url: str, seeded: dict[tuple[str, str], int]
     assert listed("--since", "1h") == [("dead-c", "default"), ("dead-eu", "eu")]
     assert listed("--target", "eu") == [("dead-eu", "eu")]
     assert listed("--limit", "2") == [("dead-c", "default"), ("dead-eu", "eu")]
+    page = json.loads(cli("dead", "list", "--json", "--limit", "2", "--target", "default", env=env).stdout)
+    assert (page["count"], page["total"], page["limit"]) == (2, 3, 2)
+    whole = json.loads(cli("dead", "list", "--json", "--since", "1h", env=env).stdout)
+    assert (whole["count"], whole["total"]) == (2, 2)
+    recent = json.loads(cli("dead", "list", "--json", "--since", "1h", "--limit", "1", env=env).stdout)
+    coded = json.loads(cli("dead", "list", "--json", "--code", "http_404", "--limit", "1", env=env).stdout)
+    assert (recent["count"], recent["total"], coded["count"], coded["total"]) == (1, 2, 1, 1)
+    limited = cli("dead", "list", "--limit", "2", "--target", "default", env=env)
+    assert limited.returncode == 0, limited.stderr
+    assert "showing the newest 2 of 3 dead updates (--limit 2)" in limited.stdout
     full = json.loads(cli("dead", "list", "--json", "--code", "INVALID_INPUT", env=env).stdout)["dead"][0]
     assert full["last_error"] == "HTTP 400 INVALID_INPUT" and full["last_http_status"] == 400
     assert full["last_error_code"] == "INVALID_INPUT"
@@ -532,8 +545,8 @@ def test_purge_never_takes_rows_finished_less_than_an_hour_ago(
         refused = cli("purge", *args, "--include-dead", env=env)
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.strip().splitlines() == [
-            "outbox-relay: argument --older-than: expected a duration from 1h to 36500d "
-            f"(e.g. 30s, 5m, 6h), got '{args[1]}' (see --help)"
+            "outbox-relay: argument --older-than: must be at least 1h (rows finished within the last "
+            f"hour are never purged), got '{args[1]}' (see --help)"
         ]
     for older_than in ("59 minutes", "0 seconds", None):  # the database refuses it too, whoever asks
         with pytest.raises(psycopg.errors.InvalidParameterValue) as caught:

@@ -296,7 +296,8 @@ async def test_a_conflicting_repeat_raises_and_rolls_back(
     assert isinstance(conflict.value, relay.InvalidUpdate)
     assert conflict.value.constraint == "action_status_updates_target_action_id_key"
     assert str(conflict.value) == (
-        'action "act-3" already has a different outcome queued for target "default" (SUCCESS)'
+        'action "act-3" already has a different outcome queued for target "default": '
+        "its status is SUCCESS, not FAILED"
     )
     assert order_state(orders) == "shipped"
     assert [r[:2] for r in queued(orders, "act-3")] == [(first, "SUCCESS")]

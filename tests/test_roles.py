@@ -488,8 +488,8 @@ async def test_a_database_at_0002_with_data_migrates_to_0003_and_keeps_working(
             ).fetchone()
             assert relay_could_delete == (True,)
         report = await migrate(owner)
-        assert [m.version for m in report.applied] == [3]
-        assert await owner.schema_version() == 3
+        assert [m.version for m in report.applied] == list(range(3, len(available()) + 1))  # 0003 and later
+        assert await owner.schema_version() == len(available())
     finally:
         await owner.close()
     with psycopg.connect(empty_database_url, autocommit=True) as db:

@@ -243,23 +243,33 @@ def test_enqueue_defaults_and_named_arguments(db: psycopg.Connection) -> None:
 
 
 @pytest.mark.parametrize(
-    ("second_status", "second_errors"),
+    ("first_status", "first_errors", "second_status", "second_errors", "what"),
     [
-        ("FAILED", json.dumps(E)),
-        ("SUCCESS", "[]"),
-        ("FAILED", json.dumps([{"code": "OTHER", "message": "x"}])),
+        ("SUCCESS", "[]", "FAILED", json.dumps(E), "its status is SUCCESS, not FAILED"),
+        ("FAILED", json.dumps(E), "SUCCESS", "[]", "its status is FAILED, not SUCCESS"),
+        (
+            "FAILED",
+            json.dumps(E),
+            "FAILED",
+            json.dumps([{"code": "OTHER", "message": "x"}]),
+            "the same status (FAILED) with different errors",
+        ),
     ],
 )
-def test_enqueue_conflicting_repeat_names_the_action(
-    db: psycopg.Connection, second_status: str, second_errors: str
+def test_enqueue_conflicting_repeat_names_the_action_and_what_differs(
+    db: psycopg.Connection,
+    first_status: str,
+    first_errors: str,
+    second_status: str,
+    second_errors: str,
+    what: str,
 ) -> None:
-    first_status, first_errors = ("SUCCESS", "[]") if second_status == "FAILED" else ("FAILED", json.dumps(E))
-    if second_errors == json.dumps([{"code": "OTHER", "message": "x"}]):
-        first_status, first_errors = "FAILED", json.dumps(E)
     _enqueue(db, "c-1", first_status, first_errors)
     with pytest.raises(psycopg.errors.UniqueViolation) as caught:
         _enqueue(db, "c-1", second_status, second_errors)
-    assert 'action "c-1" already has a different outcome' in str(caught.value)
+    assert caught.value.diag.message_primary == (
+        f'action "c-1" already has a different outcome queued for target "default": {what}'
+    )
 
 
 def test_enqueue_refuses_invalid_rows_like_insert(db: psycopg.Connection) -> None:

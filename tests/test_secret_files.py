@@ -28,7 +28,7 @@ def _refused(path: Path, name: str, mode: int) -> str:
 def test_a_token_file_others_can_access_is_refused(tmp_path: Path, mode: int) -> None:
     token = _write(tmp_path / "token", "tok\n", mode)
     result = cli("check", env={"RELAY_API_TOKEN_FILE": str(token)})
-    assert (result.returncode, result.stderr) == (2, _refused(token, "targets.default.token_file", mode))
+    assert (result.returncode, result.stderr) == (2, _refused(token, "RELAY_API_TOKEN_FILE", mode))
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])

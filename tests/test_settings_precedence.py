@@ -5,14 +5,19 @@ For each variable: the file says X, the variable says Y, the effective setting i
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from relay import settings as settings_module
 from relay.settings import Settings, load_settings
+from tests.relaykit import relay_env, start_relay_process, wait_until
 
 
 def _file(path: Path, text: str) -> str:
@@ -151,3 +156,43 @@ def test_the_variable_overrides_the_file(tmp_path: Path, variable: str) -> None:
     expected = expected.replace("{tmp}", tmp) if isinstance(expected, str) else expected
     assert from_file != expected  # the file alone says something else
     assert effective(loaded) == expected
+
+
+def test_an_empty_metrics_variable_turns_off_the_files_metrics_server(
+    tmp_path: Path, database_url: str
+) -> None:
+    """``RELAY_METRICS_LISTEN=`` (set, empty) wins over the file's ``metrics_listen``: the relay
+    starts without a metrics server. Without the variable the file's server answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _file(tmp_path / "relay.toml", f'metrics_listen = "127.0.0.1:{port}"\n')
+
+    def serving(relay_id: str) -> bool:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "select 1 from outbox.relay_targets where relay_id = %s", (relay_id,)
+            ).fetchone()
+        return row is not None
+
+    def up(relay_id: str, relay: subprocess.Popen[bytes]) -> bool:
+        return serving(relay_id) or relay.poll() is not None
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    for relay_id, extra in (("with-file-metrics", {}), ("metrics-off", {"RELAY_METRICS_LISTEN": ""})):
+        env = relay_env(database_url, "http://127.0.0.1:9", RELAY_CONFIG=config, RELAY_ID=relay_id, **extra)
+        relay = start_relay_process(env, tmp_path / f"{relay_id}.log")
+        try:
+            assert wait_until(partial(up, relay_id, relay), 30), relay_id
+            assert relay.poll() is None, (tmp_path / f"{relay_id}.log").read_text()
+            # the metrics server starts before the first heartbeat is written
+            assert answers() is (relay_id == "with-file-metrics"), relay_id
+        finally:
+            relay.terminate()
+            relay.wait(30)

@@ -927,7 +927,7 @@ def test_a_secret_file_that_is_not_text_is_refused(tmp_path: Path, content: byte
     (tmp_path / "tok").write_bytes(content)
     with pytest.raises(ConfigError, match=fragment) as info:
         load_settings(None, {"RELAY_API_TOKEN_FILE": str(tmp_path / "tok")})
-    assert str(info.value).startswith("targets.default.token_file: ")
+    assert str(info.value).startswith("RELAY_API_TOKEN_FILE: ")
 
 
 @pytest.mark.parametrize("command", ["check", "run"])

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 
 from relay.errors import ConfigError
-from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, Settings, duration_in, parse_duration, whole_in
+from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, Settings, parse_duration, whole_in
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -47,12 +47,21 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("n: ")) from None
 
 
+PURGE_MAX_AGE = 100 * 365 * DAY  # `purge --older-than` at most 36500d
+
+
 def _older_than(text: str) -> float:
     """``purge --older-than``: at least PURGE_MIN_AGE (one hour), so a slip cannot empty the outbox."""
     try:
-        return duration_in(text, "age", PURGE_MIN_AGE, 100 * 365 * DAY)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("age: ")) from None
+        seconds = parse_duration(text, "age")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 12h or 30d, got {text!r}") from None
+    if seconds < PURGE_MIN_AGE:
+        rule = "must be at least 1h (rows finished within the last hour are never purged)"
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    if seconds > PURGE_MAX_AGE:
+        raise argparse.ArgumentTypeError(f"must be at most 36500d, got {text!r}")
+    return seconds
 
 
 def _dead_usage(args: argparse.Namespace, settings: Settings) -> int:

@@ -59,8 +59,11 @@ first steps:
   outbox-relay run                       the daemon (systemd: see systemd/outbox-relay.service)
 
 configuration: --config FILE (or RELAY_CONFIG), then RELAY_* variables, e.g.
-  RELAY_DATABASE_URL=postgresql://relay@db/app  RELAY_API_TOKEN_FILE=/run/secrets/token
+  RELAY_DATABASE_URL=postgresql://relay_svc@db/app  RELAY_API_TOKEN_FILE=/run/secrets/token
 """
+
+
+CONFIG_HELP = "TOML configuration file (default: $RELAY_CONFIG); before or after the command"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +76,8 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, module: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._module = module
+        if " " in self.prog:  # a command's parser: `outbox-relay status --config F` works too
+            self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"outbox-relay: {message} (see --help)\n")
@@ -195,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="outbox-relay", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"outbox-relay {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $RELAY_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, handler: Handler, help_text: str, description: str = "") -> _Parser:

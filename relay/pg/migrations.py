@@ -60,6 +60,18 @@ def latest_version() -> int:
     return len(available())
 
 
+def edited(migration: Migration) -> str:
+    """What to say when an applied migration's file no longer has the checksum recorded for it."""
+    name = migration.path.name
+    return (
+        f"migration {name} changed after it was applied (its checksum is not the one in "
+        f"outbox.schema_migrations); nothing was applied. Restore the file as released: "
+        f"`git checkout -- schema/migrations/{name}` in a checkout, or reinstall outbox-relay "
+        f"({migration.path}). Applied migrations are never edited: to change the schema on purpose, "
+        "restore this file and put the change in a new numbered migration"
+    )
+
+
 @dataclass(frozen=True)
 class MigrationReport:
     applied: list[Migration]
@@ -74,10 +86,7 @@ async def migrate(store: Store, *, dry_run: bool = False) -> MigrationReport:
         done = await session.applied()
         for migration in files:
             if migration.version in done and done[migration.version][1] != migration.checksum:
-                raise SchemaError(
-                    f"migration {migration.path.name} changed after it was applied; "
-                    "applied migrations must never be edited"
-                )
+                raise SchemaError(edited(migration))
         unknown = sorted(set(done) - {m.version for m in files})
         if unknown:
             raise SchemaError(

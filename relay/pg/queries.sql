@@ -283,9 +283,12 @@ order by u.dead_at desc, u.id desc
 limit :limit
 
 -- ops_dead_count --
+-- How many dead rows `dead list` (without its limit) or `dead retry` matches.
 select count(*) as n
 from outbox.action_status_updates u
 where u.state = 'dead'
+  and (cast(:since as double precision) is null
+       or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
   and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
   and (cast(:target as text) is null or u.target = cast(:target as text))
   and (cast(:code as text) is null or upper((

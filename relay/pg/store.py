@@ -530,9 +530,20 @@ class Store:
         return [dict(r) for r in await self._rows("ops_dead_list", params)]
 
     async def dead_count(
-        self, *, action_ids: Sequence[str] | None = None, target: str | None = None, code: str | None = None
+        self,
+        *,
+        action_ids: Sequence[str] | None = None,
+        target: str | None = None,
+        code: str | None = None,
+        since: float | None = None,
     ) -> int:
-        params = {"action_ids": list(action_ids) if action_ids else None, "target": target, "code": code}
+        """How many dead rows match, as :meth:`dead_list` filters them (without its limit)."""
+        params = {
+            "action_ids": list(action_ids) if action_ids else None,
+            "target": target,
+            "code": code,
+            "since": since,
+        }
         return int((await self._rows("ops_dead_count", params))[0]["n"])
 
     async def dead_retry_batch(

@@ -287,6 +287,12 @@ class Demo:
             f"PostgreSQL started on 127.0.0.1:{pg.port}, data in {pg.data_dir} "
             f"({time.monotonic() - self.started:.1f}s)",
         )
+        if pg.root_changes:
+            from relay.dev.embedded import SERVER_USER
+
+            self.detail(f"run as root: PostgreSQL runs as the system user {SERVER_USER}; changed for it:")
+            for change in pg.root_changes:
+                self.detail(f"  {change}")
         return asyncio.run(self._async_steps())
 
     async def _async_steps(self) -> int:
@@ -747,7 +753,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "write sample outcomes the way an application does (plain SQL, one transaction each, with a\n"
         "business change beside them), run the relay until every row is delivered or dead, print a\n"
         "summary and the audit of a row that needed retries, then clean everything up.\n"
-        "Needs no configuration: RELAY_* variables and --config are ignored.\n\n"
+        "Needs no configuration: RELAY_* variables and --config are ignored. Run as root, it runs\n"
+        "PostgreSQL as the system user embedded_postgres and says what it changed for it.\n\n"
         "Exit 0 when every row ended delivered or dead and nothing was sent twice; 1 otherwise.\n\n"
         "examples:\n  outbox-relay demo\n  outbox-relay demo --rows 2000 --keep\n"
         "  outbox-relay demo --json | jq .latency_ms\n  outbox-relay demo --stop /tmp/outbox-relay-demo-XXXX",
@@ -769,5 +776,10 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the summary as JSON on stdout (progress goes to stderr)"
     )
-    p.add_argument("--seed", type=int, metavar="N", help="seed for the sample data and the faults")
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed for the sample data and the faults: the same seed gives the same counts",
+    )
     p.add_argument("--stop", metavar="DIR", help="stop a database left by --keep and delete its folder")

@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=None,
-        help="seed for the fault draws, to replay the same sequence of faults (default: random)",
+        help="seed for the fault draws: each action meets the same faults on every run (default: random)",
     )
     parser.add_argument(
         "--log",

@@ -1,7 +1,10 @@
 """What goes wrong in the sandbox, per PUT: the faults and how they are drawn.
 
-Faults are drawn per PUT, after the auth check, from a seeded :class:`random.Random`, in the
-order close, 503, 429, apply_500, apply_hang; the first one drawn wins. The first three answer
+Faults are drawn per PUT, after the auth check, in the order close, 503, 429, apply_500,
+apply_hang; the first one drawn wins. With a seed, each PUT draws from its own
+:class:`random.Random`, seeded by (seed, action id, the action's PUT count): an action meets the
+same faults on every run, whatever the order in which concurrent requests arrive. Without one,
+all PUTs share one unseeded generator. The first three answer
 without applying anything. ``apply_500`` and ``apply_hang`` only take effect on a request that
 really applies an update (a valid body for a new action): the update lands, then the answer is a
 500, or no answer at all after ``hang_seconds`` (the connection is then closed). That is the

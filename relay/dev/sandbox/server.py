@@ -271,6 +271,7 @@ class Sandbox:
         self.request_total = 0  # every recorded request, even those dropped from `requests`
         self.status_counts: Counter[int | None] = Counter()  # None: closed without an answer
         self.fault_counts: Counter[str] = Counter()
+        self.puts: Counter[str] = Counter()  # PUTs past the auth check, per action id
         self.token_requests = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -385,6 +386,7 @@ class Sandbox:
             self.request_total = 0
             self.status_counts.clear()
             self.fault_counts.clear()
+            self.puts.clear()
             self.token_requests = 0
 
     # -- reports ---------------------------------------------------------------------------
@@ -448,10 +450,16 @@ class Sandbox:
             self.issued_tokens.append(token)
         return token, max(1, int(self.config.token_lifetime))
 
-    def _plan(self) -> _Plan:
+    def _plan(self, action_id: str) -> _Plan:
+        """The answer's plan for one PUT. With a seed, its fault depends only on the seed, the
+        action id and how many PUTs that action had: the same for every run, in whatever order
+        concurrent requests arrive (so a seeded demo reproduces its counts)."""
         with self._lock:
             faults, forced = self._faults, self._forced_status
-            fault = None if forced is not None else faults.draw(self._rng)
+            self.puts[action_id] += 1
+            seed = self.config.seed
+            rng = self._rng if seed is None else random.Random(f"{seed}/{action_id}/{self.puts[action_id]}")
+            fault = None if forced is not None else faults.draw(rng)
         return _Plan(forced, fault, faults.latency, faults.retry_after, faults.hang_seconds)
 
     def _is_forbidden(self, action_id: str) -> bool:
@@ -613,7 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"WWW-Authenticate": 'Bearer realm="sandbox"'}
             self._api_error(401, "UNAUTHORIZED", "missing, invalid or expired bearer token", headers=headers)
             return
-        plan = sandbox._plan()
+        plan = sandbox._plan(action_id)
         if plan.latency > 0:
             sandbox._stopping.wait(plan.latency)
         if plan.forced is not None:
