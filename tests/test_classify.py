@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay.core.classify import Answer, Decision, Verdict, classify
+from relay.core.classify import Answer, Decision, ProbeVerdict, Verdict, classify, probe_verdict
 from relay.settings import RetrySettings
 
 POLICY = RetrySettings(base_delay=2.0, max_delay=60.0, max_attempts=5, max_age=3600.0)
@@ -698,3 +698,19 @@ def test_only_429_asks_to_slow_down(status: int, throttled: bool) -> None:
         can_reauth=False,
     )
     assert decision.throttled is throttled
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        (Answer(404, b'{"code": "DATA_NOT_FOUND"}'), ProbeVerdict.PROVEN),
+        (Answer(401), ProbeVerdict.REFUSED),
+        (Answer(403), ProbeVerdict.REFUSED),
+        (Answer(204), ProbeVerdict.UNEXPECTED),
+        (Answer(400, b"{}"), ProbeVerdict.UNEXPECTED),
+        (Answer(503), ProbeVerdict.UNEXPECTED),
+        (Answer(None, transport_error="ConnectError"), ProbeVerdict.NO_ANSWER),
+    ],
+)
+def test_check_probe_reads_the_answer_to_an_unknown_action(answer: Answer, verdict: ProbeVerdict) -> None:
+    assert probe_verdict(answer) == verdict

@@ -565,21 +565,23 @@ async def _probe(client: ApiClient, target: TargetSettings, token: str, source: 
     import uuid
 
     from relay.connect.client import action_path, request_body
+    from relay.core.classify import ProbeVerdict, probe_verdict
 
     name = f"target {target.name}"
     action_id = f"{PROBE_PREFIX}{uuid.uuid4()}"
     where = f"PUT {_public_url(target.base_url)}{action_path(action_id)}"
     answer = (await client.put(action_id, request_body("SUCCESS", []), token)).answer
     said = f": {report.clean(answer.body.decode('utf-8', 'replace'), 120)}" if answer.body else ""
-    if answer.status == 404:
+    verdict = probe_verdict(answer)
+    if verdict == ProbeVerdict.PROVEN:
         return Check(
             name, True, f"{name}: {source}; the API took it: {where} answered 404, as for any unknown action"
         )
-    if answer.status in (401, 403):
+    if verdict == ProbeVerdict.REFUSED:
         return Check(
             name, False, f"{name}: the API refused the token: {where} answered {answer.status}{said}"
         )
-    if answer.status is None:
+    if verdict == ProbeVerdict.NO_ANSWER:
         return Check(name, False, f"{name}: {where}: no answer ({answer.transport_error})")
     return Check(
         name, False, f"{name}: {where} answered {answer.status}, not the 404 of an unknown action{said}"

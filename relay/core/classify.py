@@ -152,6 +152,26 @@ class _Failure:
     describe: str
 
 
+class ProbeVerdict(StrEnum):
+    """What one ``PUT`` for an action id that cannot exist (``outbox-relay check --probe``) proves."""
+
+    PROVEN = "proven"  # 404, as for any unknown action: the token and the route work
+    REFUSED = "refused"  # 401/403: the API refused the credentials
+    NO_ANSWER = "no_answer"  # transport error, timeout
+    UNEXPECTED = "unexpected"  # anything else: reported as it came
+
+
+def probe_verdict(answer: Answer) -> ProbeVerdict:
+    """How ``check --probe`` reads the API's answer to its unknown action id."""
+    if answer.status is None:
+        return ProbeVerdict.NO_ANSWER
+    if answer.status == 404:
+        return ProbeVerdict.PROVEN
+    if answer.status in (401, 403):
+        return ProbeVerdict.REFUSED
+    return ProbeVerdict.UNEXPECTED
+
+
 def _retry(
     failure: _Failure,
     answer: Answer,
