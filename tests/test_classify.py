@@ -266,6 +266,16 @@ def test_answer_table(
             "The action already has a final status",
             id="delivered earlier",
         ),
+        pytest.param(
+            Answer(400, ALREADY_FINAL),
+            False,
+            True,
+            "HTTP 400 ACTION_ALREADY_FINAL: The action already has a final status: the API already holds"
+            " a final status for this action that this database has no record of delivering"
+            " (for instance a delivery recorded on a primary lost in a failover)",
+            "The action already has a final status",
+            id="already final without a record of delivering",
+        ),
         pytest.param(Answer(401), False, True, "HTTP 401: renewing the token", None, id="reauth"),
         pytest.param(
             Answer(401),

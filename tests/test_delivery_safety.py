@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -91,18 +92,50 @@ async def test_a_result_postgresql_refuses_is_released_and_every_other_result_la
 
 
 async def test_a_row_deleted_while_in_flight_does_not_block_the_batch(
-    database_url: str, db: psycopg.Connection, store: Store
+    database_url: str, db: psycopg.Connection, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     seed_rows(database_url, sample_updates(10))
     rows = await _claim(store, 10, send_now=10)
     db.execute("delete from outbox.action_status_updates where id = %s", (rows[3].id,))
-    recorder = Recorder(store, "test-relay", 100)
+    dropped: list[str] = []
+    unwritable: list[str] = []
+    recorder = Recorder(store, "test-relay", 100, unwritable.append, dropped.append)
     for row in rows:
         recorder.add(_delivered(row), [_attempt(row)])
-    assert await recorder.flush() == 9
+    with caplog.at_level(logging.WARNING, logger="relay.engine"):
+        assert await recorder.flush() == 9
     assert states(database_url) == {"delivered": 9}
     assert recorder.results == [] and recorder.attempts == []  # nothing kept to block the next flush
     assert db.execute("select count(*) from outbox.delivery_attempts").fetchone() == (9,)
+    # Dropped in the one statement, not refused and retried row by row; reported once.
+    assert dropped == ["default"] and recorder.gone == 1
+    assert unwritable == [] and recorder.refused == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if m.startswith("results dropped")] == [
+        "results dropped for 1 rows this database does not hold (deleted, or lost with a primary that failed over)"
+    ]
+    assert not any("one by one" in m or "lease ran out" in m for m in lines)
+
+
+async def test_attempt_rows_of_rows_the_database_lost_are_dropped_with_the_rest_written(
+    database_url: str, db: psycopg.Connection, store: Store
+) -> None:
+    # What a promoted standby looks like to a relay that claimed on the old primary: the rows
+    # never replicated are not there at all, and only attempt rows (a retry's) may come back.
+    seed_rows(database_url, sample_updates(6))
+    rows = await _claim(store, 6, send_now=6)
+    db.execute("delete from outbox.action_status_updates where id = any(%s)", ([rows[0].id, rows[5].id],))
+    dropped: list[str] = []
+    recorder = Recorder(store, "test-relay", 100, dropped=dropped.append)
+    for row in rows[:3]:
+        recorder.add(_delivered(row), [_attempt(row)])
+    for row in rows[3:]:
+        recorder.add(None, [_attempt(row)])
+    assert await recorder.flush() == 2
+    assert sorted(dropped) == ["default", "default"] and recorder.gone == 2
+    written = db.execute("select update_id from outbox.delivery_attempts order by update_id").fetchall()
+    assert [w[0] for w in written] == [r.id for r in rows[1:5]]
+    assert await recorder.flush() == 0 and recorder.gone == 2  # nothing kept, nothing counted twice
 
 
 async def test_a_write_cancelled_midway_still_lands(

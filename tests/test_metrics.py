@@ -72,6 +72,7 @@ async def test_metrics_are_served_and_move() -> None:
             metrics.target_paused("eu", 432.5)
             metrics.unwritable("eu")
             metrics.unwritable("eu")
+            metrics.dropped("default")
             metrics.drained()
 
             response = await http.get("/metrics")
@@ -102,6 +103,7 @@ async def test_metrics_are_served_and_move() -> None:
     assert get(s, "outbox_relay_target_paused_seconds", target="eu") == 432.5
     assert get(s, "outbox_relay_results_unwritable_total", target="eu") == 2
     assert ("outbox_relay_results_unwritable_total", frozenset({("target", "default")})) not in s
+    assert get(s, "outbox_relay_results_dropped_total", target="default") == 1
     assert abs(get(s, "outbox_relay_last_drain_timestamp_seconds") - time.time()) < 60
 
 

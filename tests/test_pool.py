@@ -125,6 +125,26 @@ async def test_a_session_the_server_ended_is_replaced(database_url: str, db: psy
         await pool.close()
 
 
+async def test_when_the_server_went_away_one_caller_finds_out_not_one_per_pooled_session(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    # What a failover does to the pool: every idle session goes to a server that is gone.
+    pool, name = _pool(database_url, size=3)
+    try:
+        pids = set(await asyncio.gather(*(_pid(pool, 0.2) for _ in range(3))))
+        assert len(pids) == 3 and pool.idle == 3
+        db.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s", (name,)
+        )
+        await until(lambda: _sessions(db, name) == 0, 10, "the sessions to end")
+        with pytest.raises(psycopg.OperationalError):
+            await _pid(pool)
+        assert pool.idle == 0  # the other idle sessions went with the one found dead
+        assert {await _pid(pool) for _ in range(3)}.isdisjoint(pids)  # the next callers are served
+    finally:
+        await pool.close()
+
+
 async def test_a_refused_statement_keeps_its_session(database_url: str) -> None:
     pool, _ = _pool(database_url, size=1)
     try:

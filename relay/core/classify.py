@@ -9,6 +9,7 @@ answer                                                 verdict    charged  unkno
 =====================================================  =========  =======  ==========  =========
 2xx                                                    delivered  yes      no          no
 400 ``ACTION_ALREADY_FINAL`` / 404, earlier unknown    delivered  yes      no          no
+400 ``ACTION_ALREADY_FINAL``, no earlier unknown       dead (1)   yes      no          no
 other 400, 404, other 4xx                              dead       yes      no          no
 401 (can renew the token)                              reauth     no       no          no
 401 (cannot renew), 403, while others are refused too  pause      no       no          no
@@ -18,6 +19,10 @@ other 400, 404, other 4xx                              dead       yes      no   
 no response, maybe sent / certainly not sent           retry      yes      yes / no    yes
 anything else (1xx, 3xx, ...)                          retry      yes      no          yes
 =====================================================  =========  =======  ==========  =========
+
+(1) The API holds a final status this database has no record of sending: the reason says so
+(:data:`ALREADY_FINAL_UNRECORDED`), so an operator can tell it from an ordinary refusal. It is
+what a delivery recorded only on a primary lost in a failover looks like.
 
 A retry becomes ``dead`` once :func:`relay.core.retry.give_up_reason` says so for the attempt just made.
 A refusal (401/403) is the whole target's unless the caller saw the API accept another row of the
@@ -41,9 +46,13 @@ from relay.core import retry
 from relay.sanitize import one_line, storable
 from relay.settings import RetrySettings
 
-__all__ = ["ALREADY_FINAL", "Answer", "Decision", "Verdict", "classify"]
+__all__ = ["ALREADY_FINAL", "ALREADY_FINAL_UNRECORDED", "Answer", "Decision", "Verdict", "classify"]
 
 ALREADY_FINAL = "ACTION_ALREADY_FINAL"
+ALREADY_FINAL_UNRECORDED = (
+    "the API already holds a final status for this action that this database has no record of"
+    " delivering (for instance a delivery recorded on a primary lost in a failover)"
+)
 MESSAGE_LIMIT = 500
 CODE_LIMIT = 100
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -121,6 +130,8 @@ def classify(
     if earlier_unknown and (status == 404 or (status == 400 and api_code == ALREADY_FINAL)):
         reason = f"{describe}: an earlier attempt with an unknown outcome was delivered"
         return settled(Verdict.DELIVERED, "delivered_earlier", reason)
+    if status == 400 and api_code == ALREADY_FINAL:
+        return settled(Verdict.DEAD, "dead", f"{describe}: {ALREADY_FINAL_UNRECORDED}")
     if status == 401 and can_reauth:
         return settled(Verdict.REAUTH, "reauth", f"{describe}: renewing the token", charged=False)
     if status in (401, 403) and others_accepted:

@@ -65,6 +65,7 @@ class Observer(Protocol):
     def dead(self, target: str) -> None: ...
     def circuit(self, target: str, state: str) -> None: ...
     def unwritable(self, target: str) -> None: ...
+    def dropped(self, target: str) -> None: ...
 
 
 class _NoObserver:
@@ -81,6 +82,9 @@ class _NoObserver:
         pass
 
     def unwritable(self, target: str) -> None:
+        pass
+
+    def dropped(self, target: str) -> None:
         pass
 
 
@@ -193,7 +197,9 @@ class Engine:
                 bucket=TokenBucket(target.rate_limit) if target.rate_limit else None,
                 slots=asyncio.Semaphore(target.max_concurrency),
             )
-        self.recorder = Recorder(store, settings.relay_id, settings.batch_size, self._unwritable)
+        self.recorder = Recorder(
+            store, settings.relay_id, settings.batch_size, self._unwritable, self._dropped
+        )
         self.marks = SendMarks(store)
         self._tasks: set[asyncio.Task[None]] = set()
         # Claims whose request may have left: when it started, and its request number.
@@ -220,6 +226,9 @@ class Engine:
 
     def _unwritable(self, target: str) -> None:
         self.observer.unwritable(target if target in self.lanes else "")
+
+    def _dropped(self, target: str) -> None:
+        self.observer.dropped(target if target in self.lanes else "")
 
     # -- control ---------------------------------------------------------------------------
     def poke(self) -> None:

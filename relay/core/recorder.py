@@ -12,6 +12,10 @@ What can go wrong with a write, and what happens then:
   result is still refused is released for a later attempt, with only what is certain (a request
   was made, its outcome is not recorded) and the reason in ``last_error``; the observer's
   ``unwritable`` counts it.
+* A row is no longer in the database (deleted while in flight, or never replicated to a standby
+  promoted in a failover): the statement writes nothing for it, neither its state nor its
+  attempt rows (the foreign key would refuse the batch), and the flush reports it once: one
+  log line with the count, and the observer's ``dropped`` per row.
 * The caller is cancelled (shutdown, a timeout around a drain): the write runs in a task of its
   own, shielded, so results taken out of the buffers are written or put back, never dropped.
 """
@@ -27,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from relay.errors import DatabaseError, WriteRefused
-from relay.pg.store import AttemptRecord, RowResult, Store
+from relay.pg.store import AttemptRecord, Recorded, RowResult, Store
 from relay.sanitize import one_line
 
 log = logging.getLogger("relay.engine")
@@ -40,6 +44,10 @@ def _count_unwritable(target: str) -> None:
     pass
 
 
+def _count_dropped(target: str) -> None:
+    pass
+
+
 @dataclass
 class Recorder:
     """Collects row results and attempt rows; writes them in batches."""
@@ -48,6 +56,7 @@ class Recorder:
     relay_id: str
     batch_size: int
     unwritable: Callable[[str], None] = _count_unwritable  # called once per row released unwritten
+    dropped: Callable[[str], None] = _count_dropped  # called once per row the database does not hold
     results: list[RowResult] = field(default_factory=list)
     attempts: list[AttemptRecord] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -56,6 +65,8 @@ class Recorder:
     _failed_at: float = 0.0
     written_at: float = 0.0  # time.monotonic() of the last successful write
     refused: int = 0  # rows released because their result could not be stored
+    gone: int = 0  # rows whose results were dropped: the database does not hold them
+    _gone_now: set[int] = field(default_factory=set)  # ids dropped by the flush under way
     _writes: set[asyncio.Task[int]] = field(default_factory=set)
 
     def add(self, result: RowResult | None, attempts: list[AttemptRecord]) -> None:
@@ -105,27 +116,52 @@ class Recorder:
             results, attempts = self.results, self.attempts
             self.results, self.attempts = [], []
             try:
-                recorded = await self.store.record(results, attempts, self.relay_id)
-            except WriteRefused as exc:
-                log.warning(
-                    "a batch of results was refused; writing them one by one",
-                    extra={"rows": len(results), "error": one_line(exc, 300)},
-                )
-                recorded = await self._one_by_one(results, attempts)
-            except DatabaseError:
-                self._keep(results, attempts)
-                raise
+                try:
+                    recorded = await self._write(results, attempts)
+                except WriteRefused as exc:
+                    log.warning(
+                        "a batch of results was refused; writing them one by one",
+                        extra={"rows": len(results), "error": one_line(exc, 300)},
+                    )
+                    recorded = await self._one_by_one(results, attempts)
+                except DatabaseError:
+                    self._keep(results, attempts)
+                    raise
+            finally:
+                dropped = self._report_gone(attempts)
             if self.failures:
                 log.info("results written again after %d failed attempts", self.failures)
             self.failures = 0
             self.written_at = time.monotonic()
-            lost = len(results) - recorded
+            lost = len(results) - recorded - sum(1 for r in results if r.id in dropped)
             if lost:
                 log.warning(
                     "results discarded: the lease ran out and the rows were claimed again",
                     extra={"rows": lost},
                 )
             return recorded
+
+    async def _write(self, results: list[RowResult], attempts: list[AttemptRecord]) -> int:
+        done: Recorded = await self.store.record_batch(results, attempts, self.relay_id)
+        self._gone_now.update(done.dropped)
+        return done.recorded
+
+    def _report_gone(self, attempts: list[AttemptRecord]) -> set[int]:
+        """One log line and the observer's ``dropped`` per row for the ids this flush dropped."""
+        gone, self._gone_now = self._gone_now, set()
+        if not gone:
+            return gone
+        targets = {a.update_id: a.target for a in attempts}
+        for update_id in gone:
+            self.dropped(targets.get(update_id, ""))
+        self.gone += len(gone)
+        log.warning(
+            "results dropped for %d rows this database does not hold"
+            " (deleted, or lost with a primary that failed over)",
+            len(gone),
+            extra={"rows": len(gone), "update_ids": one_line(sorted(gone), 300)},
+        )
+        return gone
 
     async def _one_by_one(self, results: list[RowResult], attempts: list[AttemptRecord]) -> int:
         """Each result with its own attempt rows, in a write of its own (the lock is held)."""
@@ -148,7 +184,7 @@ class Recorder:
 
     async def _write_one(self, result: RowResult | None, attempts: list[AttemptRecord]) -> int:
         try:
-            return await self.store.record([result] if result else [], attempts, self.relay_id)
+            return await self._write([result] if result else [], attempts)
         except WriteRefused as exc:
             reason = one_line(exc, 300)
         update_id = result.id if result is not None else attempts[0].update_id

@@ -5,6 +5,9 @@ use in the task that asks for it (so a connection error reaches that caller at o
 PostgreSQL's own message), reused most-recent-first, and thrown away instead of reused when
 its session may be in an unknown state: the server went away, the statement was cancelled
 half-way, a transaction was left open, or the caller says so (:meth:`Pool.discard`).
+When a session turns out lost (the server went away), the idle ones are closed with it: they
+went to the same server, and each would otherwise be found dead by a caller of its own (after a
+failover, one failed statement per pooled session).
 A caller who finds every session taken waits up to ``timeout`` seconds for one.
 
 Every session is in autocommit mode: a named query is one statement and its own transaction;
@@ -69,6 +72,8 @@ class Pool:
             # A statement PostgreSQL refused leaves the session usable; a lost or confused one does not.
             if conn is not None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 self._doomed.add(conn)
+                if conn.broken:
+                    await self._drop_idle()
             raise
         except BaseException:
             if conn is not None:  # cancelled or failed half-way: the session's state is not known
@@ -85,6 +90,11 @@ class Pool:
     def discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Close this session when it is given back instead of handing it out again."""
         self._doomed.add(conn)
+
+    async def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for stale in idle:
+            await _close_quietly(stale)
 
     async def _take(self) -> psycopg.AsyncConnection[Any]:
         while self._idle:
@@ -111,9 +121,7 @@ class Pool:
     async def close(self) -> None:
         """Close idle sessions now; sessions still in use are closed when they are given back."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await _close_quietly(conn)
+        await self._drop_idle()
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:

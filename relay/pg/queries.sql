@@ -153,6 +153,10 @@ with r as (
                 cast(:requests as integer[]), cast(:unknown as boolean[]),
                 cast(:http_status as integer[]), cast(:last_error as text[]))
          as r(id, token, state, retry_at, charged, requests, unknown, http_status, last_error)
+), gone as (
+    select x.id
+    from (select unnest(cast(:ids as bigint[])) union select unnest(cast(:a_update_id as bigint[]))) as x(id)
+    where not exists (select 1 from outbox.action_status_updates u where u.id = x.id)
 ), done as (
     update outbox.action_status_updates u
     set state = r.state,
@@ -186,9 +190,13 @@ with r as (
                 cast(:a_response_body as text[]), cast(:a_reached_api as text[]))
          as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
               error_code, error_message, response_body, reached_api)
+    -- a row this database does not hold (deleted, or lost with a failed-over primary) gets no
+    -- attempt row: the foreign key would refuse the whole batch
+    where a.update_id not in (select id from gone)
     returning 1
 )
-select (select count(*) from done) as recorded, (select count(*) from attempts) as attempts
+select (select count(*) from done) as recorded, (select count(*) from attempts) as attempts,
+       array(select id from gone order by id) as dropped
 
 -- relay_targets_heartbeat --
 insert into outbox.relay_targets as t (relay_id, target, state, reason)

@@ -134,6 +134,14 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What one write of results did: rows updated, and the ids of rows not in the database."""
+
+    recorded: int
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RowResult:
     """The new state of one claimed update. ``state='pending'`` schedules a retry at ``retry_at``."""
 
@@ -403,8 +411,15 @@ class Store:
         Raises :class:`WriteRefused` when PostgreSQL answered but would not store these values
         (the caller then writes them one by one), :class:`DatabaseError` when it is unreachable.
         """
+        return (await self.record_batch(results, attempts, relay_id)).recorded
+
+    async def record_batch(
+        self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
+    ) -> Recorded:
+        """:meth:`record`, also naming the rows this database does not hold (deleted, or lost with
+        a failed-over primary): their results and attempt rows are dropped, not written."""
         if not results and not attempts:
-            return 0
+            return Recorded(0, ())
         try:
             return await self._record(results, attempts, relay_id)
         except WriteRefused:
@@ -418,7 +433,7 @@ class Store:
 
     async def _record(
         self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
-    ) -> int:
+    ) -> Recorded:
         params: dict[str, Any] = {
             "relay_id": relay_id,
             "ids": [r.id for r in results],
@@ -445,7 +460,7 @@ class Store:
             "a_reached_api": [a.reached_api for a in attempts],
         }
         rows = await self._rows("updates_record", params)
-        return int(rows[0]["recorded"])
+        return Recorded(int(rows[0]["recorded"]), tuple(int(i) for i in rows[0]["dropped"]))
 
     async def heartbeat(self, relay_id: str, states: Sequence[tuple[str, str, str | None]]) -> None:
         await self._rows(

@@ -2,7 +2,7 @@
 
 :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-global one), so any
 number of relays can live in one process (tests do). The engine reports through the
-methods ``request``, ``delivered``, ``dead``, ``circuit`` and ``unwritable`` (its
+methods ``request``, ``delivered``, ``dead``, ``circuit``, ``unwritable`` and ``dropped`` (its
 ``Observer``); the daemon adds ``backlog`` (from :meth:`relay.pg.store.Store.backlog`),
 ``target_paused`` (from :meth:`relay.core.engine.Engine.paused_for`, at each heartbeat) and
 ``drained``.
@@ -157,6 +157,13 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        self._dropped = Counter(
+            "outbox_relay_results_dropped",
+            "Row results dropped because the database no longer holds the row (deleted while in flight,"
+            " or lost with a primary that failed over), by target.",
+            ["target"],
+            registry=r,
+        )
         self._last_drain = Gauge(
             "outbox_relay_last_drain_timestamp_seconds",
             "When the last drain finished (Unix time).",
@@ -192,6 +199,10 @@ class Metrics:
     def unwritable(self, target: str) -> None:
         """One row result the database refused to store."""
         self._unwritable.labels(self.label(target)).inc()
+
+    def dropped(self, target: str) -> None:
+        """One row result dropped: the database does not hold the row."""
+        self._dropped.labels(self.label(target)).inc()
 
     def target_paused(self, target: str, seconds: float) -> None:
         """Seconds ``target`` has not been serving (paused or probing); 0 while it serves."""
