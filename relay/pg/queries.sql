@@ -154,9 +154,14 @@ with r as (
                 cast(:http_status as integer[]), cast(:last_error as text[]))
          as r(id, token, state, retry_at, charged, requests, unknown, http_status, last_error)
 ), gone as (
-    select x.id
-    from (select unnest(cast(:ids as bigint[])) union select unnest(cast(:a_update_id as bigint[]))) as x(id)
-    where not exists (select 1 from outbox.action_status_updates u where u.id = x.id)
+    -- Rows this database does not hold: deleted, or lost with a primary that failed over (whose
+    -- ids the promoted standby's sequence may hand out again, to other actions).
+    select x.id, x.action_id
+    from (select id, null::text from unnest(cast(:ids as bigint[])) as i(id)
+          union
+          select * from unnest(cast(:a_update_id as bigint[]), cast(:a_action_id as text[]))) as x(id, action_id)
+    where not exists (select 1 from outbox.action_status_updates u
+                      where u.id = x.id and (x.action_id is null or u.action_id = x.action_id))
 ), done as (
     update outbox.action_status_updates u
     set state = r.state,
@@ -190,13 +195,12 @@ with r as (
                 cast(:a_response_body as text[]), cast(:a_reached_api as text[]))
          as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
               error_code, error_message, response_body, reached_api)
-    -- a row this database does not hold (deleted, or lost with a failed-over primary) gets no
-    -- attempt row: the foreign key would refuse the whole batch
-    where a.update_id not in (select id from gone)
+    -- no attempt row for a row it does not hold: the foreign key would refuse the whole batch
+    where not exists (select 1 from gone g where g.id = a.update_id and coalesce(g.action_id, a.action_id) = a.action_id)
     returning 1
 )
 select (select count(*) from done) as recorded, (select count(*) from attempts) as attempts,
-       array(select id from gone order by id) as dropped
+       array(select distinct id from gone order by id) as dropped
 
 -- relay_targets_heartbeat --
 insert into outbox.relay_targets as t (relay_id, target, state, reason)

@@ -12,6 +12,13 @@ waits for every committed row to be delivered, stops the relays with SIGTERM and
 * ``applied_twice``: actions the sandbox applied more than once (its ``apply_count``);
 * ``duplicates_sent``: PUTs the sandbox refused as ``ACTION_ALREADY_FINAL``; each such row must
   have been recorded as delivered by a ``delivered_earlier`` attempt.
+
+After a failover (``settle(survivor=True)``) the database is the promoted standby, which may not
+hold every row the writer saw commit on the old primary: ``rows`` counts the committed rows it
+holds, ``not_held`` the others (lost with the old primary, the application's change with them).
+A held row may also end ``dead`` because the API already applied it from the old primary
+(``ALREADY_FINAL_UNRECORDED`` in its ``last_error``): counted in ``dead_already_final``, and not
+lost when the sandbox applied it exactly once with its body.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import make_url
 
+from relay.core.classify import ALREADY_FINAL_UNRECORDED
 from relay.dev.sandbox.server import Sandbox
 from tests.relaykit import CODES, relay_env
 
@@ -395,6 +403,8 @@ class Outcome:
     max_attempts: int
     max_requests: int
     relay_exit_codes: dict[str, int | None] = field(default_factory=dict)
+    not_held: list[str] = field(default_factory=list)  # committed, not on the survivor of a failover
+    dead_already_final: int = 0  # dead: the API already held the row's final status (failover)
 
     def line(self, name: str, **extra: Any) -> str:
         def fmt(value: Any) -> str:
@@ -418,7 +428,7 @@ class Outcome:
         assert not self.applied_twice, f"applied more than once: {self.applied_twice[:5]}"
         assert not self.wrong_body, f"applied with another body: {self.wrong_body[:5]}"
         assert not self.unexpected, f"rows nobody saw commit: {self.unexpected[:5]}"
-        assert self.dead == 0
+        assert self.dead == self.dead_already_final, "rows went dead"
         assert not self.duplicated_not_recorded, (
             f"repeats refused as ACTION_ALREADY_FINAL but not recorded as delivered_earlier: "
             f"{self.duplicated_not_recorded[:5]}"
@@ -543,8 +553,10 @@ class Harness:
         )
 
     # -- the end ---------------------------------------------------------------------------
-    def settle(self, timeout: float = 120.0) -> Outcome:
-        """Stop the writer, wait until every committed row is final, stop the relays, count."""
+    def settle(self, timeout: float = 120.0, *, survivor: bool = False) -> Outcome:
+        """Stop the writer, wait until every committed row is final, stop the relays, count.
+
+        ``survivor``: the database is what a failover left (see the module docstring)."""
         assert self.writer is not None
         for relay in self.relays:
             assert relay.alive, (
@@ -555,7 +567,8 @@ class Harness:
         deadline = time.monotonic() + timeout
         while True:
             s = self.states()
-            if s.get("pending", 0) == 0 and s.get("in_flight", 0) == 0 and sum(s.values()) >= len(committed):
+            enough = survivor or sum(s.values()) >= len(committed)
+            if s.get("pending", 0) == 0 and s.get("in_flight", 0) == 0 and enough:
                 break
             assert time.monotonic() < deadline, f"not drained within {timeout:.0f} s: {s}\n{self.log_tail()}"
             time.sleep(0.2)
@@ -582,9 +595,28 @@ class Harness:
         applied = dict(self.sandbox.applied)
         counts = dict(self.sandbox.apply_count)
         duplicated = dict(self.sandbox.duplicate_count)
+        not_held: list[str] = []
+        final_elsewhere: set[str] = set()
+        if survivor:
+            not_held = sorted(a for a in committed if a not in rows)
+            committed = {a: body for a, body in committed.items() if a in rows}
+            final_elsewhere = {
+                a
+                for (a,) in self.probe.query(
+                    "select action_id from outbox.action_status_updates "
+                    "where state = 'dead' and strpos(last_error, %s) > 0",
+                    (ALREADY_FINAL_UNRECORDED,),
+                )
+                if counts.get(a) == 1  # applied once, from the old primary
+            }
+            duplicated = {a: n for a, n in duplicated.items() if a not in final_elsewhere}
+
+        def ended_well(a: str) -> bool:
+            return a in applied and (rows.get(a) == "delivered" or a in final_elsewhere)
+
         return Outcome(
             rows=len(committed),
-            lost=sorted(a for a in committed if rows.get(a) != "delivered" or a not in applied),
+            lost=sorted(a for a in committed if not ended_well(a)),
             applied_twice=sorted(a for a, n in counts.items() if n > 1),
             duplicates_sent=self.sandbox.duplicates,
             duplicated_not_recorded=sorted(a for a in duplicated if a not in earlier),
@@ -597,6 +629,8 @@ class Harness:
             max_attempts=int(max_attempts),
             max_requests=int(max_requests),
             relay_exit_codes=exit_codes,
+            not_held=not_held,
+            dead_already_final=len(final_elsewhere),
         )
 
     def close(self) -> None:
