@@ -54,7 +54,9 @@ def _attempt(row: ClaimedRow, message: str | None = None) -> AttemptRecord:
 
 
 def _delivered(row: ClaimedRow) -> RowResult:
-    return RowResult(row.id, row.token, "delivered", requests=1, charged=1, http_status=204)
+    return RowResult(
+        row.id, row.token, "delivered", requests=1, charged=1, http_status=204, action_id=row.action_id
+    )
 
 
 async def _claim(store: Store, n: int, send_now: int = 0) -> list[ClaimedRow]:
@@ -139,7 +141,7 @@ async def test_attempt_rows_of_rows_the_database_lost_are_dropped_with_the_rest_
 
 
 async def test_results_for_a_row_whose_id_now_names_another_action_are_dropped(
-    database_url: str, db: psycopg.Connection, store: Store
+    database_url: str, db: psycopg.Connection, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     # After a failover the promoted standby's sequence can hand a lost row's id to a new row.
     seed_rows(database_url, sample_updates(2))
@@ -152,10 +154,16 @@ async def test_results_for_a_row_whose_id_now_names_another_action_are_dropped(
     )
     dropped: list[str] = []
     recorder = Recorder(store, "test-relay", 100, dropped=dropped.append)
-    for row in rows:
-        recorder.add(_delivered(row), [_attempt(row)])
+    recorder.add(_delivered(rows[0]), [_attempt(rows[0])])
+    recorder.add(_delivered(rows[1]), [_attempt(rows[1])])
     assert await recorder.flush() == 1
     assert dropped == ["default"] and recorder.gone == 1
+    # A row released unsent (a result without attempt rows) is recognised by its action too.
+    recorder.add(RowResult(rows[0].id, rows[0].token, "pending", action_id=rows[0].action_id), [])
+    with caplog.at_level(logging.WARNING, logger="relay.engine"):
+        assert await recorder.flush() == 0
+    assert recorder.gone == 2
+    assert not any("lease ran out" in r.getMessage() for r in caplog.records)
     other = db.execute(
         "select state, claim_token from outbox.action_status_updates where id = %s", (rows[0].id,)
     ).fetchone()

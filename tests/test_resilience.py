@@ -374,6 +374,37 @@ def test_relay_backends_terminated_mid_drain_the_same_relay_process_finishes(
     assert summary["max_apply_count"] == 1
 
 
+def test_a_failed_drain_is_tried_again_before_the_next_poll(database_url: str, tmp_path: Path) -> None:
+    """After a failover the relay's pooled sessions are dead while its LISTEN connection already
+    works again: the wake-up's drain fails once on a dead session, and the next try must not
+    wait for the poll interval (60 s here) or for another commit."""
+    updates = sample_updates(20, seed=15, prefix="retry-drain")
+    log = tmp_path / "relay.log"
+    with _sandbox(latency=0.0) as sandbox, _relays() as procs:
+        env = relay_env(database_url, sandbox.url, RELAY_POLL_INTERVAL="60")
+        proc = start_relay_process(env, log)
+        procs.append(proc)
+        seed_rows(database_url, updates[:1])
+        assert wait_until(_all_delivered(database_url, 1), timeout=30, interval=0.05), _tail(log)
+        # The pool's sessions end (the listener's and the health check's stay).
+        killed = _query(
+            database_url,
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where application_name = 'outbox-relay' and datname = current_database()",
+        )
+        assert any(ok for (ok,) in killed)
+        started = time.monotonic()
+        seed_rows(database_url, updates[1:])  # one commit: one wake-up
+        drained = wait_until(_all_delivered(database_url, len(updates)), timeout=30, interval=0.05)
+        assert drained, f"not drained: {states(database_url)}\n{_tail(log)}"
+        seconds = time.monotonic() - started
+        assert proc.poll() is None
+        assert _stop(proc) == 0, _tail(log)
+        text = log.read_text()
+    print(f"\n[drain retry] rows={len(updates)} drained_after_dead_sessions_s={seconds:.1f}")
+    assert "drain failed; retrying" in text  # the wake-up's drain did meet a dead session
+
+
 # -- 4. SIGTERM ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("latency", "in_time"),

@@ -394,7 +394,9 @@ class Engine:
                     )
 
     def _release(self, row: ClaimedRow, delay: float = 0.0) -> RowResult:
-        return RowResult(row.id, row.token, "pending", self.clock() + timedelta(seconds=delay))
+        return RowResult(
+            row.id, row.token, "pending", self.clock() + timedelta(seconds=delay), action_id=row.action_id
+        )
 
     def _cut_off(
         self, lane: Lane, row: ClaimedRow, code: str, why: str
@@ -428,6 +430,7 @@ class Engine:
             requests=number - row.requests,
             unknown=True,
             last_error=attempt.error_message,
+            action_id=row.action_id,
         )
         return result, [attempt]
 
@@ -491,6 +494,7 @@ class Engine:
                             requests=len(attempts),
                             http_status=sent.answer.status,
                             last_error=decision.reason,
+                            action_id=row.action_id,
                         )
                         return released, attempts
                     sent, begun = await self._send(lane, row, body, fresh, len(attempts))
@@ -570,6 +574,7 @@ class Engine:
             unknown=decision.outcome_unknown,
             http_status=status,
             last_error=None if decision.verdict == Verdict.DELIVERED else decision.reason,
+            action_id=row.action_id,
         )
         if decision.verdict in (Verdict.DELIVERED, Verdict.DEAD):
             lane.refused.pop(row.id, None)

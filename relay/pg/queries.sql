@@ -157,7 +157,7 @@ with r as (
     -- Rows this database does not hold: deleted, or lost with a primary that failed over (whose
     -- ids the promoted standby's sequence may hand out again, to other actions).
     select x.id, x.action_id
-    from (select id, null::text from unnest(cast(:ids as bigint[])) as i(id)
+    from (select * from unnest(cast(:ids as bigint[]), cast(:actions as text[]))
           union
           select * from unnest(cast(:a_update_id as bigint[]), cast(:a_action_id as text[]))) as x(id, action_id)
     where not exists (select 1 from outbox.action_status_updates u

@@ -154,6 +154,7 @@ class RowResult:
     unknown: bool = False
     http_status: int | None = None
     last_error: str | None = None
+    action_id: str | None = None  # when given, a row of this id holding another action is not ours
 
 
 def libpq_conninfo(url: Secret) -> str:
@@ -438,6 +439,7 @@ class Store:
             "relay_id": relay_id,
             "ids": [r.id for r in results],
             "tokens": [r.token for r in results],
+            "actions": [r.action_id for r in results],
             "states": [r.state for r in results],
             "retry_at": [r.retry_at for r in results],
             "charged": [r.charged for r in results],

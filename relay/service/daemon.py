@@ -45,6 +45,18 @@ STALL_SLACK = 30.0
 # A target paused this long (seconds) is logged again: at 5 min, 15 min, 1 h, then every hour.
 PAUSE_ALERTS = (300.0, 900.0, 3600.0)
 PAUSE_ALERT_EVERY = 3600.0
+# While the database is away (a restart, a failover), the LISTEN connection is tried again
+# after 0.2 s, doubling up to this many seconds; each try wakes the drain. Measured with
+# tests/chaos/test_failover.py: with 5 s, a promotion 10 s after the crash waited up to 5 s for
+# the next try (the drain's own retry is the poll interval, 5 s by default); with 1 s, the
+# first delivery on the new primary comes about a second after the promotion. A try is one
+# connection attempt, refused at once by a host that is down.
+LISTEN_RETRY_MAX = 1.0
+# A failed drain is tried again after this many seconds, doubling up to the poll interval,
+# instead of only at the next poll: the first failure after a failover is often one dead pooled
+# session (the pool then drops the others), and the rows the new primary holds need no commit
+# to be claimed.
+DRAIN_RETRY_FIRST = 0.2
 
 
 def stall_after(settings: Settings) -> float:
@@ -185,6 +197,13 @@ class Relay:
                 log.error(
                     "drain failed; retrying", extra={"error": str(exc), "failures": self._drain_failures}
                 )
+            self._retry_drain()
+
+    def _retry_drain(self) -> None:
+        """The next try of a failed drain: sooner than the poll while failures are few."""
+        delay = DRAIN_RETRY_FIRST * 2 ** min(self._drain_failures - 1, 16)
+        if delay < self.settings.poll_interval and not self.stop_event.is_set():
+            asyncio.get_running_loop().call_later(delay, self.wake)
 
     def _wake_for_retries(self) -> None:
         """Retries this relay scheduled sooner than the next poll get a wake-up of their own."""
@@ -206,7 +225,7 @@ class Relay:
                 self.listening.clear()
                 log.warning("LISTEN connection lost; polling meanwhile", extra={"error": str(exc)})
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
             self.wake()  # notifications sent while we were away are lost: look now
 
     def drain_problem(self) -> str | None:
