@@ -156,9 +156,7 @@ class Recorder:
             self.dropped(targets.get(update_id, ""))
         self.gone += len(gone)
         log.warning(
-            "results dropped for %d rows this database does not hold"
-            " (deleted, or lost with a primary that failed over)",
-            len(gone),
+            "results dropped: rows not in this database (deleted, or lost in a failover)",
             extra={"rows": len(gone), "update_ids": one_line(sorted(gone), 300)},
         )
         return gone

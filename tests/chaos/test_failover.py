@@ -54,7 +54,7 @@ READ_ONLY_S = 30.0 if FULL else 6.0  # load while the old primary is back read-o
 SLOW_ANSWER_S = 1.5  # the API's answers around the crash: requests are in flight then
 CONCURRENCY = 8  # the relay's max_concurrency: slow answers leave rows pending
 LATENCY = 0.005
-DROPPED = re.compile(r"results dropped for (\d+) rows")
+DROPPED = re.compile(r"results dropped: rows not in this database .* rows=(\d+)")
 METRIC = re.compile(r"^outbox_relay_results_dropped_total\{[^}]*\} (\S+)$", re.MULTILINE)
 
 
