@@ -128,7 +128,7 @@ def _check_bodies(sandbox: Sandbox, updates: list[tuple[str, str, list[dict[str,
 
 # -- 1. kill -9 --------------------------------------------------------------------------------
 def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
-    database_url: str, tmp_path: Path
+    database_url: str, relay_url: str, tmp_path: Path
 ) -> None:
     n, kills = 5000, 4
     updates = sample_updates(n, seed=11, prefix="kill")
@@ -143,7 +143,7 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
     started = time.monotonic()
     with _sandbox(latency=0.002) as sandbox, _relays() as procs:
         env = relay_env(
-            database_url, sandbox.url, RELAY_LEASE="3", RELAY_REQUEST_TIMEOUT="1", RELAY_MAX_CONCURRENCY="32"
+            relay_url, sandbox.url, RELAY_LEASE="3", RELAY_REQUEST_TIMEOUT="1", RELAY_MAX_CONCURRENCY="32"
         )
         for i, threshold in enumerate(thresholds):
             log = tmp_path / f"relay-{i}.log"
@@ -201,13 +201,13 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
 
 # -- 2. several relays ---------------------------------------------------------------------------
 def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
-    database_url: str, tmp_path: Path
+    database_url: str, relay_url: str, tmp_path: Path
 ) -> None:
     n = 2400
     updates = sample_updates(n, seed=12, prefix="three")
     started = time.monotonic()
     with _sandbox(latency=0.005) as sandbox, _relays() as procs:
-        env = relay_env(database_url, sandbox.url, RELAY_MAX_CONCURRENCY="16", RELAY_BATCH_SIZE="20")
+        env = relay_env(relay_url, sandbox.url, RELAY_MAX_CONCURRENCY="16", RELAY_BATCH_SIZE="20")
         logs = [tmp_path / f"relay-{i}.log" for i in range(3)]
         procs.extend(start_relay_process(env, log) for log in logs)
         # All three are up (each writes a heartbeat when it starts) before the rows arrive.
