@@ -1,0 +1,254 @@
+"""The relay behind PgBouncer in transaction mode, as an operator runs it: every command through
+the pooler, the daemon polling without LISTEN or woken through ``listen_database_url``; and what
+``check`` says about the connection. PgBouncer is the session's (``pgbouncer_server``, tests/pgbouncer.py);
+the tests' own bookkeeping connects directly."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from relay.dev.sandbox.server import Sandbox, SandboxConfig
+from relay.pg.migrations import latest_version
+from relay.pg.store import Store
+from relay.settings import Secret
+from tests.pgbouncer import PgBouncer
+from tests.relaykit import cli, relay_env, start_relay_process, states, wait_until
+
+POLLING_LINE = re.compile(
+    r"connection pooler: no LISTEN wake-ups; polling every poll_interval.*listen_database_url"
+)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(SandboxConfig(seed=5)) as sb:
+        yield sb
+
+
+@pytest.fixture
+def relays() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Relay processes the test started; any still running at the end are killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+def _scalar(url: str, sql: str) -> object:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(sql).fetchone()
+    return row[0] if row else None
+
+
+def _state_of(url: str, action_id: str) -> str | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "select state from outbox.action_status_updates where action_id = %s", (action_id,)
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _advisory_locks(url: str) -> int:
+    return int(str(_scalar(url, "select count(*) from pg_locks where locktype = 'advisory'")))
+
+
+# -- the session ---------------------------------------------------------------------------------
+async def test_a_store_through_pgbouncer_sees_the_pooler_and_a_direct_one_does_not(
+    database_url: str, bouncer_url: str
+) -> None:
+    for url, pooled in ((database_url, False), (bouncer_url, True)):
+        store = Store(Secret(url), pool_size=2)
+        try:
+            for _ in range(12):  # past psycopg's prepare_threshold (5): prepared statements would break
+                assert await store.schema_version() == latest_version()
+            assert store.pooler is pooled
+        finally:
+            await store.close()
+
+
+# -- every command through PgBouncer --------------------------------------------------------------
+def test_the_operator_commands_and_the_daemon_work_through_pgbouncer(
+    pgbouncer_server: PgBouncer,
+    empty_database_url: str,
+    sandbox: Sandbox,
+    relays: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    direct = empty_database_url
+    pooled = pgbouncer_server.url(direct)
+    env = relay_env(pooled, sandbox.url, RELAY_POLL_INTERVAL="0.5", RELAY_LOG_LEVEL="INFO")
+
+    # migrate: two runs at once, both through the pooler; no lock left on a server connection
+    runs = [
+        subprocess.Popen(
+            [*cli_argv("migrate")],
+            env=cli_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    applied = [line for out, _ in outputs for line in out.splitlines() if line.startswith("applied ")]
+    assert len(applied) == latest_version()  # each migration applied once, by one of the two
+    assert _scalar(direct, "select max(version) from outbox.schema_migrations") == latest_version()
+    assert _advisory_locks(direct) == 0
+    again = cli("migrate", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to apply" in again.stdout
+
+    # enqueue (more rows than psycopg's prepare_threshold), one of them for an unknown action (dead)
+    ids = [f"bounce-{i}" for i in range(8)]
+    for action_id in [*ids, "unknown-1"]:
+        done = cli("enqueue", action_id, "--status", "SUCCESS", env=env)
+        assert done.returncode == 0, done.stderr
+
+    # run: the daemon delivers through the pooler, polling (it says so once)
+    log = tmp_path / "relay.log"
+    relays.append(start_relay_process(env, log))
+    assert wait_until(lambda: states(direct) == {"delivered": 8, "dead": 1}, 60, 0.2), (
+        states(direct),
+        log.read_text(),
+    )
+    late = cli("enqueue", "bounce-late", "--status", "SUCCESS", env=env)
+    assert late.returncode == 0, late.stderr
+    assert wait_until(lambda: _state_of(direct, "bounce-late") == "delivered", 30, 0.2), log.read_text()
+    assert set(sandbox.applied) == {*ids, "bounce-late"}
+    assert max(sandbox.apply_count.values()) == 1
+
+    # status, audit
+    status = cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ""
+    counts = {(t["target"], t["delivered_last_hour"]) for t in json.loads(status.stdout)["targets"]}
+    assert counts == {("default", 9)}
+    audit = cli("audit", "bounce-3", "--json", env=env)
+    assert audit.returncode == 0, audit.stderr
+    [entry] = json.loads(audit.stdout)["updates"]
+    assert entry["update"]["state"] == "delivered"
+    assert [a["outcome"] for a in entry["attempts"]] == ["delivered"]
+
+    # dead retry: re-queued through the pooler; the polling daemon sends it again (404 again: dead)
+    requeued = cli("dead", "retry", "unknown-1", "--reason", "through pgbouncer", env=env)
+    assert requeued.returncode == 0, requeued.stderr
+    assert "re-queued 1 dead update(s)" in requeued.stdout
+    assert wait_until(
+        lambda: (
+            _scalar(
+                direct,
+                "select count(*) from outbox.delivery_attempts a join outbox.action_status_updates u "
+                "on u.id = a.update_id where u.action_id = 'unknown-1'",
+            )
+            == 2
+            and _state_of(direct, "unknown-1") == "dead"
+        ),
+        30,
+        0.2,
+    ), log.read_text()
+    assert _stop(relays[0]) == 0
+    text = log.read_text()
+    assert len(POLLING_LINE.findall(text)) == 1, text
+    assert re.search(r"polling every poll_interval.*poll_interval=500ms", text), text
+
+    # purge: delivered rows made old, deleted through the pooler with their attempts
+    with psycopg.connect(direct, autocommit=True) as conn:
+        conn.execute(
+            "update outbox.action_status_updates set delivered_at = now() - interval '40 days', "
+            "created_at = now() - interval '41 days' where state = 'delivered'"
+        )
+    purged = cli("purge", "--older-than", "30d", "--batch-size", "4", env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 9 delivered update(s)" in purged.stdout
+    assert states(direct) == {"dead": 1}
+
+    # check: the pooler and the polling are named
+    checked = cli("check", env=env)
+    assert checked.returncode == 0, checked.stderr
+    port = pgbouncer_server.port
+    assert f"ok  connection: 127.0.0.1:{port}, through a connection pooler" in checked.stdout
+    assert "ok  LISTEN: none: database_url goes through a connection pooler" in checked.stdout
+    assert "polls every 500ms (poll_interval)" in checked.stdout
+    data = {c["name"]: c for c in json.loads(cli("check", "--json", env=env).stdout)["checks"]}
+    assert data["connection"]["pooler"] is True
+    assert data["connection"]["hosts"] == [f"127.0.0.1:{port}"]
+    assert (data["listen"]["via"], data["listen"]["poll_interval_seconds"]) == ("none", 0.5)
+    assert _advisory_locks(direct) == 0
+
+
+def cli_argv(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "relay", *args]
+
+
+def cli_env(env: dict[str, str]) -> dict[str, str]:
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}, **env}
+
+
+# -- LISTEN on a direct connection -------------------------------------------------------------------
+def test_a_relay_behind_pgbouncer_is_woken_through_listen_database_url(
+    database_url: str,
+    bouncer_url: str,
+    sandbox: Sandbox,
+    relays: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """poll_interval 5 min: a row enqueued after the first drain is delivered within seconds only
+    if the NOTIFY reached the relay, on the direct listen_database_url connection."""
+    env = relay_env(
+        bouncer_url,
+        sandbox.url,
+        RELAY_POLL_INTERVAL="300",
+        RELAY_LISTEN_DATABASE_URL=database_url,
+        RELAY_LOG_LEVEL="INFO",
+    )
+    log = tmp_path / "relay.log"
+    enqueued = cli("enqueue", "first", "--status", "SUCCESS", env=env)
+    assert enqueued.returncode == 0, enqueued.stderr
+    relays.append(start_relay_process(env, log))
+    assert wait_until(lambda: _state_of(database_url, "first") == "delivered", 60, 0.1), log.read_text()
+    assert wait_until(lambda: " ready" in log.read_text(), 30, 0.1), log.read_text()
+    for i in range(3):  # each row is sent long before the next poll (5 min away)
+        action_id = f"woken-{i}"
+        enqueued = cli("enqueue", action_id, "--status", "SUCCESS", env=env)
+        assert enqueued.returncode == 0, enqueued.stderr
+        assert wait_until(lambda a=action_id: _state_of(database_url, a) == "delivered", 30, 0.05), (
+            log.read_text()
+        )
+    assert _stop(relays[0]) == 0
+    assert not POLLING_LINE.search(log.read_text())
+    listener = conninfo_to_dict(database_url)
+    checked = cli("check", "--json", env=env)
+    assert checked.returncode == 0, checked.stderr
+    listen = {c["name"]: c for c in json.loads(checked.stdout)["checks"]}["listen"]
+    assert listen["ok"] is True
+    assert (listen["via"], listen["hosts"]) == (
+        "listen_database_url",
+        [f"{listener['host']}:{listener['port']}"],
+    )
+    assert listen["detail"] == (
+        f"LISTEN works on a connection of its own on listen_database_url "
+        f"({listener['host']}:{listener['port']}) (wake-ups)"
+    )
