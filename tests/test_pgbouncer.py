@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relay.dev.sandbox.server import Sandbox, SandboxConfig
 from relay.pg.migrations import latest_version
-from relay.pg.store import Store
+from relay.pg.store import HealthProbe, Store
 from relay.settings import Secret
 from tests.pgbouncer import PgBouncer
 from tests.relaykit import cli, relay_env, start_relay_process, states, wait_until
@@ -82,6 +82,24 @@ async def test_a_store_through_pgbouncer_sees_the_pooler_and_a_direct_one_does_n
             assert store.pooler is pooled
         finally:
             await store.close()
+
+
+async def test_the_health_probe_works_through_pgbouncer_and_leaves_no_session_setting(
+    database_url: str, bouncer_url: str
+) -> None:
+    """The probe's 2 s statement timeout is set inside its transaction: PgBouncer refuses the
+    ``options`` startup parameter, and a session setting would stay on a pooled server connection."""
+    for url in (database_url, bouncer_url):
+        probe = HealthProbe(Secret(url))
+        try:
+            await probe.ping()
+            await probe.ping()
+            conn = probe._conn
+            assert conn is not None
+            timeout = await (await conn.execute("show statement_timeout")).fetchone()
+            assert timeout == ("0",)
+        finally:
+            await probe.close()
 
 
 # -- every command through PgBouncer --------------------------------------------------------------
@@ -252,3 +270,76 @@ def test_a_relay_behind_pgbouncer_is_woken_through_listen_database_url(
         f"LISTEN works on a connection of its own on listen_database_url "
         f"({listener['host']}:{listener['port']}) (wake-ups)"
     )
+
+
+# -- the listen_database_url setting ---------------------------------------------------------------
+def test_listen_database_url_comes_from_its_variable_its_file_or_the_config_file(tmp_path: Path) -> None:
+    from relay.settings import load_settings
+
+    secret_file = tmp_path / "listen-url"
+    secret_file.write_text("postgresql://relay:from-file@db-file/app\n")
+    secret_file.chmod(0o600)
+    config = tmp_path / "config.toml"
+    config.write_text('listen_database_url = "postgresql://relay@db-config/app"\n')
+    base = {"RELAY_DATABASE_URL": "postgresql://relay@pgbouncer:6432/app"}
+
+    def listen_url(env: dict[str, str], path: Path | None = None) -> str | None:
+        settings = load_settings(str(path) if path else None, {**base, **env})
+        return settings.listen_database_url.reveal() if settings.listen_database_url else None
+
+    assert listen_url({}) is None
+    assert listen_url({}, config) == "postgresql://relay@db-config/app"
+    assert listen_url({"RELAY_LISTEN_DATABASE_URL_FILE": str(secret_file)}, config) == (
+        "postgresql://relay:from-file@db-file/app"
+    )
+    assert (
+        listen_url(
+            {
+                "RELAY_LISTEN_DATABASE_URL": "postgresql://relay@db-env/app",
+                "RELAY_LISTEN_DATABASE_URL_FILE": str(secret_file),
+            },
+            config,
+        )
+        == "postgresql://relay@db-env/app"
+    )
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "listen-database-url").write_text("postgresql://relay@db-credential/app\n")
+    assert listen_url({"CREDENTIALS_DIRECTORY": str(credentials)}) == "postgresql://relay@db-credential/app"
+
+
+def test_a_bad_listen_database_url_is_one_line_and_exit_2_without_the_password(tmp_path: Path) -> None:
+    env = {"RELAY_DATABASE_URL": "postgresql://relay@127.0.0.1:1/app"}
+    bad = cli("check", env={**env, "RELAY_LISTEN_DATABASE_URL": "mysql://relay:s3cret-pw@db/app"})
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("outbox-relay: RELAY_LISTEN_DATABASE_URL: expected postgresql://")
+    assert len(bad.stderr.splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert "s3cret-pw" not in bad.stdout + bad.stderr
+    open_file = tmp_path / "listen-url"
+    open_file.write_text("postgresql://relay:s3cret-pw@db/app\n")
+    open_file.chmod(0o644)
+    refused = cli("run", env={**env, "RELAY_LISTEN_DATABASE_URL_FILE": str(open_file)})
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(
+        f"outbox-relay: RELAY_LISTEN_DATABASE_URL_FILE: {open_file} has mode 0644"
+    )
+    config = tmp_path / "config.toml"
+    config.write_text('listen_database_url = "postgresql://relay:s3cret-pw@db/app"\n')
+    config.chmod(0o644)
+    inline = cli("check", "--config", str(config), env=env)
+    assert inline.returncode == 2
+    assert "holds the secret listen_database_url inline" in inline.stderr
+    assert "s3cret-pw" not in refused.stderr + inline.stdout + inline.stderr
+
+
+def test_check_names_the_listen_connection_it_could_not_open_without_its_password(database_url: str) -> None:
+    env = {
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_API_TOKEN": "static-secret-token",
+        "RELAY_LISTEN_DATABASE_URL": "postgresql://relay:s3cret-pw@127.0.0.1:1/app",
+    }
+    result = cli("check", env=env)
+    assert result.returncode == 1
+    [failed] = [line for line in result.stderr.splitlines() if line.startswith("FAIL ")]
+    assert failed.startswith("FAIL LISTEN connection on listen_database_url (127.0.0.1:1): database error:")
+    assert "s3cret-pw" not in result.stdout + result.stderr
