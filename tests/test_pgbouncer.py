@@ -102,6 +102,26 @@ async def test_the_health_probe_works_through_pgbouncer_and_leaves_no_session_se
             await probe.close()
 
 
+def test_an_application_writes_through_pgbouncer_with_prepared_statements_off(
+    database_url: str, bouncer_url: str
+) -> None:
+    """README "PgBouncer": the Python API on the application's own connections through the
+    pooler, interleaved, past psycopg's prepare_threshold; one refused row rolls back alone."""
+    import relay
+
+    with (
+        psycopg.connect(bouncer_url, prepare_threshold=None) as one,
+        psycopg.connect(bouncer_url, prepare_threshold=None) as two,
+    ):
+        for i in range(10):
+            for conn, name in ((one, "one"), (two, "two")):
+                with conn.transaction():
+                    relay.enqueue(conn, f"app-{name}-{i}", "SUCCESS")
+        with pytest.raises(relay.InvalidUpdate), one.transaction():
+            relay.enqueue(one, "app-bad", "FAILED", [])
+    assert states(database_url) == {"pending": 20}
+
+
 # -- every command through PgBouncer --------------------------------------------------------------
 def test_the_operator_commands_and_the_daemon_work_through_pgbouncer(
     pgbouncer_server: PgBouncer,
