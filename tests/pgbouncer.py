@@ -32,6 +32,10 @@ def binary() -> str | None:
     )
 
 
+def _params(url: str) -> dict[str, str]:
+    return {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +52,7 @@ class PgBouncer:
 
     def url(self, direct_url: str) -> str:
         """``direct_url`` with its host and port replaced by PgBouncer's (same user, password, database)."""
-        params = conninfo_to_dict(direct_url)
+        params = _params(direct_url)
         user = quote(params.get("user", ""), safe="")
         password = f":{quote(params['password'], safe='')}" if params.get("password") else ""
         credentials = f"{user}{password}@" if user else ""
@@ -71,7 +75,7 @@ class PgBouncer:
 
 def start(program: str, server_url: str, timeout: float = 20.0) -> PgBouncer:
     """PgBouncer in transaction mode in front of the server ``server_url`` names (any database)."""
-    server = conninfo_to_dict(server_url)
+    server = _params(server_url)
     host = server.get("host") or "127.0.0.1"
     if host.startswith("/"):
         raise RuntimeError("the test server listens on a unix socket only: PgBouncer needs its TCP port")

@@ -6,9 +6,11 @@ the tests' own bookkeeping connects directly."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +66,18 @@ def _state_of(url: str, action_id: str) -> str | None:
             "select state from outbox.action_status_updates where action_id = %s", (action_id,)
         ).fetchone()
     return str(row[0]) if row else None
+
+
+def _cli_process(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python -m relay ARGS`` started in the background, as :func:`tests.relaykit.cli` runs it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", *args],
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _advisory_locks(url: str) -> int:
@@ -135,16 +149,7 @@ def test_the_operator_commands_and_the_daemon_work_through_pgbouncer(
     env = relay_env(pooled, sandbox.url, RELAY_POLL_INTERVAL="0.5", RELAY_LOG_LEVEL="INFO")
 
     # migrate: two runs at once, both through the pooler; no lock left on a server connection
-    runs = [
-        subprocess.Popen(
-            [*cli_argv("migrate")],
-            env=cli_env(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    runs = [_cli_process("migrate", env=env) for _ in range(2)]
     outputs = [run.communicate(timeout=120) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     applied = [line for out, _ in outputs for line in out.splitlines() if line.startswith("applied ")]
@@ -231,18 +236,6 @@ def test_the_operator_commands_and_the_daemon_work_through_pgbouncer(
     assert data["connection"]["hosts"] == [f"127.0.0.1:{port}"]
     assert (data["listen"]["via"], data["listen"]["poll_interval_seconds"]) == ("none", 0.5)
     assert _advisory_locks(direct) == 0
-
-
-def cli_argv(*args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "relay", *args]
-
-
-def cli_env(env: dict[str, str]) -> dict[str, str]:
-    import os
-
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}, **env}
 
 
 # -- LISTEN on a direct connection -------------------------------------------------------------------
