@@ -87,7 +87,7 @@ async def test_transient_faults_all_delivered_none_applied_twice(database_url: s
     assert retries is not None and retries[0] == summary["requests"] - 600 - sb.duplicates
     assert {"503", "429", "RemoteProtocolError"} <= set(codes)
     print(
-        f"\ntransient: 600 rows, {summary['requests']} requests, {retries[0]} retries {codes}, "
+        f"\ntransient{'' if relay_url == database_url else ' via pgbouncer'}: 600 rows, {summary['requests']} requests, {retries[0]} retries {codes}, "
         f"{sb.duplicates} duplicates refused, applied twice: 0"
     )
 

@@ -121,6 +121,11 @@ def _sandbox(**faults: Any) -> Sandbox:
     return Sandbox(SandboxConfig(seed=3, faults=Faults(**faults))).start()
 
 
+def _via(relay_url: str, database_url: str) -> str:
+    """How the relay reached the database, for the figures' line."""
+    return "" if relay_url == database_url else " via pgbouncer"
+
+
 def _check_bodies(sandbox: Sandbox, updates: list[tuple[str, str, list[dict[str, str]]]]) -> None:
     assert sandbox.applied == expected_bodies(updates)
     assert max(sandbox.apply_count.values()) == 1
@@ -184,7 +189,7 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
         database_url, "select count(*) from outbox.delivery_attempts where outcome = 'delivered_earlier'"
     )
     print(
-        f"\n[kill -9] rows={n} kills={kills} at_applied={thresholds} delivered={delivered} "
+        f"\n[kill -9{_via(relay_url, database_url)}] rows={n} kills={kills} at_applied={thresholds} delivered={delivered} "
         f"lost={n - delivered} in_flight_before_kill={in_flight_before} "
         f"held_by_killed={held_counts} duplicate_puts={duplicates} "
         f"(bound {sum(held_counts)}) delivered_earlier={earlier} requests={summary['requests']} "
@@ -235,7 +240,7 @@ def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
     outcomes = dict(_query(database_url, "select outcome, count(*) from outbox.delivery_attempts group by 1"))
     pids = {f":{p.pid}" for p in procs}
     print(
-        f"\n[3 relays] rows={n} delivered={states(database_url).get('delivered', 0)} "
+        f"\n[3 relays{_via(relay_url, database_url)}] rows={n} delivered={states(database_url).get('delivered', 0)} "
         f"per_relay={sorted(per_relay.values())} duplicate_puts={duplicates} "
         f"requests={summary['requests']} attempts={outcomes} elapsed={elapsed:.1f}s"
     )
