@@ -356,3 +356,37 @@ def test_check_names_the_listen_connection_it_could_not_open_without_its_passwor
     [failed] = [line for line in result.stderr.splitlines() if line.startswith("FAIL ")]
     assert failed.startswith("FAIL LISTEN connection on listen_database_url (127.0.0.1:1): database error:")
     assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_a_listen_database_url_through_the_pooler_is_refused_by_check_and_the_relay_polls(
+    database_url: str,
+    bouncer_url: str,
+    pgbouncer_server: PgBouncer,
+    sandbox: Sandbox,
+    relays: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A LISTEN through PgBouncer is accepted and then hears nothing: check fails (exit 2) and
+    names the setting; the daemon says so once and polls."""
+    env = relay_env(
+        bouncer_url,
+        sandbox.url,
+        RELAY_POLL_INTERVAL="0.5",
+        RELAY_LISTEN_DATABASE_URL=bouncer_url,
+        RELAY_API_TOKEN="sandbox-token",
+    )
+    checked = cli("check", env=env)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert (
+        f"FAIL LISTEN connection on listen_database_url (127.0.0.1:{pgbouncer_server.port}): "
+        "listen_database_url goes through a connection pooler: LISTEN needs a direct connection"
+    ) in checked.stderr
+    log = tmp_path / "relay.log"
+    relays.append(start_relay_process(env, log))
+    for action_id in ("polled-1", "polled-2"):
+        assert cli("enqueue", action_id, "--status", "SUCCESS", env=env).returncode == 0
+    assert wait_until(lambda: states(database_url) == {"delivered": 2}, 60, 0.1), log.read_text()
+    assert _stop(relays[0]) == 0
+    text = log.read_text()
+    assert text.count("no LISTEN wake-ups; polling every poll_interval") == 1, text
+    assert "listen_database_url goes through a connection pooler" in text

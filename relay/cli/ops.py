@@ -623,7 +623,13 @@ async def _check_listen(store: Store, settings: Settings) -> Check:
             "listen", True, f"LISTEN works on a connection of its own{where} (wake-ups)", fields=fields
         )
     if failed is not None:
-        return Check("listen", False, f"LISTEN connection{where}: {failed}", fields=fields)
+        return Check(
+            "listen",
+            False,
+            f"LISTEN connection{where}: {failed}",
+            configuration=isinstance(failed, ConfigError),
+            fields=fields,
+        )
     return Check(
         "listen",
         False,

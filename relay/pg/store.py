@@ -26,7 +26,14 @@ import psycopg.errors
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from relay.errors import DatabaseError, InvalidUpdate, PermissionDenied, SchemaError, WriteRefused
+from relay.errors import (
+    ConfigError,
+    DatabaseError,
+    InvalidUpdate,
+    PermissionDenied,
+    SchemaError,
+    WriteRefused,
+)
 from relay.pg.pool import Pool, PoolTimeout
 from relay.pg.refusals import refusal
 from relay.redact import mask, redact, secret_forms
@@ -488,7 +495,9 @@ class Store:
         """Yield once per NOTIFY on the outbox channel; raises DatabaseError when the connection is lost.
 
         On ``listen_url`` when set (a direct connection: LISTEN needs a session of its own,
-        which a transaction-mode pooler does not give), else on ``url``."""
+        which a transaction-mode pooler does not give), else on ``url``. A connection that
+        turns out to go through a pooler (told as :meth:`_connected` tells it) raises
+        :class:`ConfigError`: a LISTEN there would be accepted and then hear nothing."""
         url = self.listen_url or self.url
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -497,6 +506,13 @@ class Store:
         except (psycopg.Error, OSError) as exc:
             raise _translate(exc, _secret_forms(url), self.role, self._user) from exc
         try:
+            pid = (await Transaction(conn).rows("backend_pid"))[0]["pid"]
+            if conn.info.backend_pid != int(pid):
+                name = "listen_database_url" if self.listen_url else "database_url"
+                raise ConfigError(
+                    f"{name} goes through a connection pooler: LISTEN needs a direct connection to "
+                    "PostgreSQL; the relay polls every poll_interval instead"
+                )
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             if ready is not None:
                 ready.set()

@@ -226,6 +226,13 @@ class Relay:
                 async for _ in self.store.listen(self.listening):
                     delay = 0.2
                     self.wake()
+            except ConfigError as exc:  # listen_database_url goes through a pooler: no retry cures it
+                self.listening.clear()
+                log.warning(
+                    "no LISTEN wake-ups; polling every poll_interval",
+                    extra={"error": str(exc), "poll_interval": human_duration(self.settings.poll_interval)},
+                )
+                return
             except RelayError as exc:
                 self.listening.clear()
                 log.warning("LISTEN connection lost; polling meanwhile", extra={"error": str(exc)})
