@@ -118,10 +118,11 @@ def scrub_secrets(text: str, settings: Settings) -> str:
     from relay.settings import database_params
 
     secrets = []
-    if settings.database_url is not None:
-        parts = urlsplit(settings.database_url.reveal())
-        secrets.append(database_params(settings.database_url).get("password"))  # as libpq gets it
-        secrets += [parts.password, *parse_qs(parts.query).get("password", [])]  # both, if both given
+    for url in (settings.database_url, settings.listen_database_url):
+        if url is not None:
+            parts = urlsplit(url.reveal())
+            secrets.append(database_params(url).get("password"))  # as libpq gets it
+            secrets += [parts.password, *parse_qs(parts.query).get("password", [])]  # both, if both given
     for t in settings.targets.values():
         secrets.append(t.token.reveal() if t.token else None)
         secrets.append(t.oauth.client_secret.reveal() if t.oauth else None)

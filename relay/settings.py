@@ -303,6 +303,9 @@ class TargetSettings:
 @dataclass(frozen=True)
 class Settings:
     database_url: Secret | None = None
+    # A direct connection (no pooler) for LISTEN wake-ups, when database_url goes through a
+    # transaction-mode pooler such as PgBouncer; None: LISTEN on database_url, unless it is pooled.
+    listen_database_url: Secret | None = None
     targets: Mapping[str, TargetSettings] = field(
         default_factory=lambda: {DEFAULT_TARGET: TargetSettings(DEFAULT_TARGET)}
     )
@@ -332,6 +335,8 @@ class Settings:
 _TOP_KEYS = {
     "database_url",
     "database_url_file",
+    "listen_database_url",
+    "listen_database_url_file",
     "poll_interval",
     "batch_size",
     "max_concurrency",
@@ -508,13 +513,14 @@ def database_params(url: Secret, name: str = "database_url") -> dict[str, str]:
 
 def _inline_secret(doc: Mapping[str, Any]) -> str | None:
     """The first key of the config document that holds a secret inline, or None."""
-    url = doc.get("database_url")
-    if isinstance(url, str):
-        try:
-            if database_params(Secret(url)).get("password"):
-                return "database_url"
-        except ConfigError:
-            pass
+    for url_key in ("database_url", "listen_database_url"):
+        url = doc.get(url_key)
+        if isinstance(url, str):
+            try:
+                if database_params(Secret(url)).get("password"):
+                    return url_key
+            except ConfigError:
+                pass
     proxies = [("proxy", doc.get("proxy"))]
     targets = doc.get("targets")
     for name, table in targets.items() if isinstance(targets, dict) else ():
@@ -684,6 +690,30 @@ _TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_
 _ENV_TOKEN_TEXT = ("RELAY_API_TOKEN", "RELAY_OAUTH_CLIENT_ID")
 
 
+def _database_url(env: Mapping[str, str], top: Mapping[str, Any], key: str, credential: str) -> Secret | None:
+    """A database URL setting (``database_url``, ``listen_database_url``), first found of: its
+    variable, its ``_FILE`` variable, the key, the ``_file`` key, the systemd credential.
+    Checked here, at start-up: a bad URL is one line naming where it came from."""
+    var = f"RELAY_{key.upper()}"
+    url: Secret | None
+    source = key
+    if env.get(var):
+        url, source = Secret(env[var]), var
+    elif env.get(f"{var}_FILE"):
+        source = f"{var}_FILE"
+        url = _read_secret_file(env[source], source, env)
+    elif key in top:
+        url = Secret(str(top[key]))
+    elif f"{key}_file" in top:
+        source = f"{key}_file"
+        url = _read_secret_file(str(top[source]), source, env)
+    else:
+        url, source = _credential(env, credential), f"credential {credential}"
+    if url is not None:
+        database_params(url, source)
+    return url
+
+
 def load_settings(config: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the file named by ``config`` (or ``RELAY_CONFIG``) and ``environ``."""
     env = os.environ if environ is None else environ
@@ -749,22 +779,8 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         for name, table in targets_doc.items()
     }
 
-    database_url: Secret | None = None
-    database_from = "database_url"
-    if env.get("RELAY_DATABASE_URL"):
-        database_url, database_from = Secret(env["RELAY_DATABASE_URL"]), "RELAY_DATABASE_URL"
-    elif env.get("RELAY_DATABASE_URL_FILE"):
-        database_from = "RELAY_DATABASE_URL_FILE"
-        database_url = _read_secret_file(env["RELAY_DATABASE_URL_FILE"], database_from, env)
-    elif "database_url" in top:
-        database_url = Secret(str(top["database_url"]))
-    elif "database_url_file" in top:
-        database_from = "database_url_file"
-        database_url = _read_secret_file(str(top["database_url_file"]), database_from, env)
-    else:
-        database_url, database_from = _credential(env, "database-url"), "credential database-url"
-    if database_url is not None:
-        database_params(database_url, database_from)  # refused here, at start-up, with one line
+    database_url = _database_url(env, top, "database_url", "database-url")
+    listen_database_url = _database_url(env, top, "listen_database_url", "listen-database-url")
 
     base_delay = ranged("retry.base_delay", retry_table.get("base_delay"), label("retry.base_delay"))
     max_delay = ranged("retry.max_delay", retry_table.get("max_delay"), label("retry.max_delay"))
@@ -802,6 +818,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         extra["relay_id"] = str(top["relay_id"])
     return Settings(
         database_url=database_url,
+        listen_database_url=listen_database_url,
         targets=targets,
         retry=retry,
         breaker=breaker,

@@ -16,9 +16,10 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from relay.dev.embedded import EmbeddedPostgres
+from relay.dev.embedded import SERVER_USER, EmbeddedPostgres
 from relay.pg.store import Store
 from relay.settings import Secret
+from tests import pgbouncer
 from tests.relaykit import create_migrated_database
 
 TEMPLATE = "outbox_relay_template"
@@ -105,3 +106,43 @@ async def store(database_url: str) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server(pg_server: Server) -> Iterator[pgbouncer.PgBouncer]:
+    """PgBouncer in transaction mode in front of the test server (:mod:`tests.pgbouncer`),
+    started once for the session; the tests that need it skip when it is not installed."""
+    program = pgbouncer.binary()
+    if program is None:
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            pytest.skip(f"pgbouncer refuses root and the user {SERVER_USER} does not exist")
+    try:
+        bouncer = pgbouncer.start(program, pg_server.admin_url)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture
+def bouncer_url(pgbouncer_server: pgbouncer.PgBouncer, database_url: str) -> str:
+    """The test's database (``database_url``) through PgBouncer in transaction mode."""
+    return pgbouncer_server.url(database_url)
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def relay_url(request: pytest.FixtureRequest, database_url: str) -> str:
+    """The URL the relay under test uses: the test's database directly, or through PgBouncer in
+    transaction mode. The test's own bookkeeping keeps ``database_url`` (direct)."""
+    if request.param == "direct":
+        return database_url
+    bouncer: pgbouncer.PgBouncer = request.getfixturevalue("pgbouncer_server")
+    return bouncer.url(database_url)

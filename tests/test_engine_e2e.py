@@ -19,8 +19,12 @@ def sandbox() -> Sandbox:
         yield sb
 
 
-async def _drain(database_url: str, api_url: str, rounds: int = 200, **extra: str) -> Engine:
-    settings = relay_settings(database_url, api_url, **extra)
+async def _drain(
+    database_url: str, api_url: str, rounds: int = 200, relay_url: str | None = None, **extra: str
+) -> Engine:
+    """Drain with an engine on ``relay_url`` (default: ``database_url``); the bookkeeping between
+    rounds reads ``database_url``."""
+    settings = relay_settings(relay_url or database_url, api_url, **extra)
     store = Store(settings.require_database_url())
     engine = Engine(settings, store)
     try:
@@ -37,11 +41,11 @@ async def _drain(database_url: str, api_url: str, rounds: int = 200, **extra: st
 
 
 async def test_2000_rows_each_received_exactly_once_with_the_stored_body(
-    database_url: str, sandbox: Sandbox
+    database_url: str, relay_url: str, sandbox: Sandbox
 ) -> None:
     updates = sample_updates(2000)
     seed_rows(database_url, updates)
-    await _drain(database_url, sandbox.url)
+    await _drain(database_url, sandbox.url, relay_url=relay_url)
     assert states(database_url) == {"delivered": 2000}
     assert sandbox.applied == expected_bodies(updates)
     assert max(sandbox.apply_count.values()) == 1
@@ -58,12 +62,12 @@ async def test_2000_rows_each_received_exactly_once_with_the_stored_body(
         ).fetchone() == (2000,)
 
 
-async def test_transient_faults_all_delivered_none_applied_twice(database_url: str) -> None:
+async def test_transient_faults_all_delivered_none_applied_twice(database_url: str, relay_url: str) -> None:
     faults = Faults(p503=0.15, p429=0.1, retry_after=0, p_close=0.1)
     with Sandbox(SandboxConfig(seed=3, faults=faults)) as sb:
         updates = sample_updates(600, seed=11)
         seed_rows(database_url, updates)
-        await _drain(database_url, sb.url, RELAY_RETRY_MAX_ATTEMPTS="30")
+        await _drain(database_url, sb.url, relay_url=relay_url, RELAY_RETRY_MAX_ATTEMPTS="30")
         summary = sb.summary()
     assert states(database_url) == {"delivered": 600}
     assert sb.applied == expected_bodies(updates)
@@ -83,7 +87,7 @@ async def test_transient_faults_all_delivered_none_applied_twice(database_url: s
     assert retries is not None and retries[0] == summary["requests"] - 600 - sb.duplicates
     assert {"503", "429", "RemoteProtocolError"} <= set(codes)
     print(
-        f"\ntransient: 600 rows, {summary['requests']} requests, {retries[0]} retries {codes}, "
+        f"\ntransient{'' if relay_url == database_url else ' via pgbouncer'}: 600 rows, {summary['requests']} requests, {retries[0]} retries {codes}, "
         f"{sb.duplicates} duplicates refused, applied twice: 0"
     )
 

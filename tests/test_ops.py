@@ -659,7 +659,8 @@ def token_url() -> Iterator[str]:
 
 def test_check_all_good_with_a_static_token(database_url: str) -> None:
     env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "static-secret-token"}
-    owner = psycopg.conninfo.conninfo_to_dict(database_url)["user"]  # the test's user owns the schema
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    owner = params["user"]  # the test's user owns the schema
     result = cli("check", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -670,6 +671,7 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
             for line in result.stdout.splitlines()
             if line.startswith("ok  database reachable (PostgreSQL ")
         ],
+        f"ok  connection: {params['host']}:{params['port']}, direct to PostgreSQL",
         f"ok  schema up to date (version {latest_version()})",
         "ok  roles outbox_writer, outbox_relay, outbox_operator, outbox_auditor exist",
         f"ok  privileges: {owner} may do what the relay does (owns the outbox schema)",
@@ -680,9 +682,54 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
     as_json = cli("check", "--json", env=env)
     data = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and data["ok"] is True
-    names = ["configuration", "database", "schema", "roles", "privileges", "listen", "target default"]
+    names = [
+        "configuration",
+        "database",
+        "connection",
+        "schema",
+        "roles",
+        "privileges",
+        "listen",
+        "target default",
+    ]
     assert [c["name"] for c in data["checks"]] == names
+    by_name = {c["name"]: c for c in data["checks"]}
+    hosts = [f"{params['host']}:{params['port']}"]
+    assert {k: by_name["connection"][k] for k in ("hosts", "target_session_attrs", "pooler", "warning")} == {
+        "hosts": hosts,
+        "target_session_attrs": None,
+        "pooler": False,
+        "warning": None,
+    }
+    assert (by_name["listen"]["via"], by_name["listen"]["hosts"]) == ("direct", hosts)
     assert "static-secret-token" not in result.stdout + as_json.stdout
+
+
+def test_check_names_each_host_of_a_multi_host_url_and_warns_unless_read_write(database_url: str) -> None:
+    """Two hosts (here the same server twice: libpq takes the first that suits): check names
+    each host:port and target_session_attrs, and warns when a standby could be chosen."""
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    host, port, db = params["host"], params["port"], params["dbname"]
+    two = f"postgresql://{params['user']}:pass%20word@{host}:{port},{host}:{port}/{db}"
+    env = {"RELAY_API_TOKEN": "static-secret-token"}
+    loose = cli("check", env={**env, "RELAY_DATABASE_URL": two})
+    assert loose.returncode == 0, loose.stderr
+    where = f"{host}:{port}, {host}:{port}"
+    assert f"ok  connection: {where} (target_session_attrs=any), direct to PostgreSQL" in loose.stdout
+    assert (
+        "warn database_url names 2 hosts with target_session_attrs=any (not set): the relay could "
+        "connect to a standby; add ?target_session_attrs=read-write to the URL"
+    ) in loose.stdout.splitlines()
+    strict = cli(
+        "check", "--json", env={**env, "RELAY_DATABASE_URL": f"{two}?target_session_attrs=read-write"}
+    )
+    assert strict.returncode == 0, strict.stderr
+    connection = {c["name"]: c for c in json.loads(strict.stdout)["checks"]}["connection"]
+    assert connection["hosts"] == [f"{host}:{port}", f"{host}:{port}"]
+    assert (connection["target_session_attrs"], connection["warning"]) == ("read-write", None)
+    assert (
+        "pass word" not in loose.stdout + strict.stdout and "pass%20word" not in loose.stdout + strict.stdout
+    )
 
 
 def test_check_fetches_an_oauth_token(database_url: str, token_url: str, tmp_path: Path) -> None:

@@ -121,6 +121,11 @@ def _sandbox(**faults: Any) -> Sandbox:
     return Sandbox(SandboxConfig(seed=3, faults=Faults(**faults))).start()
 
 
+def _via(relay_url: str, database_url: str) -> str:
+    """How the relay reached the database, for the figures' line."""
+    return "" if relay_url == database_url else " via pgbouncer"
+
+
 def _check_bodies(sandbox: Sandbox, updates: list[tuple[str, str, list[dict[str, str]]]]) -> None:
     assert sandbox.applied == expected_bodies(updates)
     assert max(sandbox.apply_count.values()) == 1
@@ -128,7 +133,7 @@ def _check_bodies(sandbox: Sandbox, updates: list[tuple[str, str, list[dict[str,
 
 # -- 1. kill -9 --------------------------------------------------------------------------------
 def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
-    database_url: str, tmp_path: Path
+    database_url: str, relay_url: str, tmp_path: Path
 ) -> None:
     n, kills = 5000, 4
     updates = sample_updates(n, seed=11, prefix="kill")
@@ -143,7 +148,7 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
     started = time.monotonic()
     with _sandbox(latency=0.002) as sandbox, _relays() as procs:
         env = relay_env(
-            database_url, sandbox.url, RELAY_LEASE="3", RELAY_REQUEST_TIMEOUT="1", RELAY_MAX_CONCURRENCY="32"
+            relay_url, sandbox.url, RELAY_LEASE="3", RELAY_REQUEST_TIMEOUT="1", RELAY_MAX_CONCURRENCY="32"
         )
         for i, threshold in enumerate(thresholds):
             log = tmp_path / f"relay-{i}.log"
@@ -184,7 +189,7 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
         database_url, "select count(*) from outbox.delivery_attempts where outcome = 'delivered_earlier'"
     )
     print(
-        f"\n[kill -9] rows={n} kills={kills} at_applied={thresholds} delivered={delivered} "
+        f"\n[kill -9{_via(relay_url, database_url)}] rows={n} kills={kills} at_applied={thresholds} delivered={delivered} "
         f"lost={n - delivered} in_flight_before_kill={in_flight_before} "
         f"held_by_killed={held_counts} duplicate_puts={duplicates} "
         f"(bound {sum(held_counts)}) delivered_earlier={earlier} requests={summary['requests']} "
@@ -201,13 +206,13 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
 
 # -- 2. several relays ---------------------------------------------------------------------------
 def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
-    database_url: str, tmp_path: Path
+    database_url: str, relay_url: str, tmp_path: Path
 ) -> None:
     n = 2400
     updates = sample_updates(n, seed=12, prefix="three")
     started = time.monotonic()
     with _sandbox(latency=0.005) as sandbox, _relays() as procs:
-        env = relay_env(database_url, sandbox.url, RELAY_MAX_CONCURRENCY="16", RELAY_BATCH_SIZE="20")
+        env = relay_env(relay_url, sandbox.url, RELAY_MAX_CONCURRENCY="16", RELAY_BATCH_SIZE="20")
         logs = [tmp_path / f"relay-{i}.log" for i in range(3)]
         procs.extend(start_relay_process(env, log) for log in logs)
         # All three are up (each writes a heartbeat when it starts) before the rows arrive.
@@ -235,7 +240,7 @@ def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
     outcomes = dict(_query(database_url, "select outcome, count(*) from outbox.delivery_attempts group by 1"))
     pids = {f":{p.pid}" for p in procs}
     print(
-        f"\n[3 relays] rows={n} delivered={states(database_url).get('delivered', 0)} "
+        f"\n[3 relays{_via(relay_url, database_url)}] rows={n} delivered={states(database_url).get('delivered', 0)} "
         f"per_relay={sorted(per_relay.values())} duplicate_puts={duplicates} "
         f"requests={summary['requests']} attempts={outcomes} elapsed={elapsed:.1f}s"
     )

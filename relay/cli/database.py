@@ -40,6 +40,7 @@ async def open_store(
         application_name=application_name,
         role=role,
         notices=notices,
+        listen_url=settings.listen_database_url,
     )
     try:
         yield store

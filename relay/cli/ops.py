@@ -507,6 +507,8 @@ class Check:
     ok: bool
     detail: str
     configuration: bool = False  # a failure that is the configuration's fault (exit 2)
+    warning: str | None = None  # passed, but something the operator should change
+    fields: Mapping[str, Any] | None = None  # more for --json (connection, listen)
 
 
 def _public_url(url: str) -> str:
@@ -588,9 +590,17 @@ async def _probe(client: ApiClient, target: TargetSettings, token: str, source: 
     )
 
 
-async def _check_listen(store: Store) -> Check:
-    """LISTEN on a connection of its own, as the daemon's wake-ups do (nothing is notified)."""
+async def _check_listen(store: Store, settings: Settings) -> Check:
+    """LISTEN on a connection of its own, as the daemon's wake-ups do (nothing is notified): on
+    ``listen_database_url`` when set; not at all behind a pooler without it (the relay polls)."""
     import asyncio
+
+    from relay.cli.connection import listen_plan
+
+    plan = listen_plan(settings, store.pooler)
+    fields = plan.fields()
+    if plan.via == "none":
+        return Check("listen", True, f"LISTEN: none: {plan.polling}", warning=plan.polling, fields=fields)
 
     ready = asyncio.Event()
 
@@ -607,11 +617,25 @@ async def _check_listen(store: Store) -> Check:
         for t in (task, waiter):
             t.cancel()
         await asyncio.gather(task, waiter, return_exceptions=True)
+    where = f" on listen_database_url ({', '.join(plan.hosts)})" if plan.via == "listen_database_url" else ""
     if ready.is_set():
-        return Check("listen", True, "LISTEN works on a connection of its own (wake-ups)")
+        return Check(
+            "listen", True, f"LISTEN works on a connection of its own{where} (wake-ups)", fields=fields
+        )
     if failed is not None:
-        return Check("listen", False, f"LISTEN connection: {failed}")
-    return Check("listen", False, f"LISTEN connection: no answer within {human_duration(LISTEN_WITHIN)}")
+        return Check(
+            "listen",
+            False,
+            f"LISTEN connection{where}: {failed}",
+            configuration=isinstance(failed, ConfigError),
+            fields=fields,
+        )
+    return Check(
+        "listen",
+        False,
+        f"LISTEN connection{where}: no answer within {human_duration(LISTEN_WITHIN)}",
+        fields=fields,
+    )
 
 
 async def _check_roles(store: Store, settings: Settings) -> list[Check]:
@@ -650,6 +674,7 @@ async def _check_roles(store: Store, settings: Settings) -> list[Check]:
 
 
 async def _check_database(settings: Settings) -> list[Check]:
+    from relay.cli.connection import describe
     from relay.pg.migrations import latest_version
 
     try:
@@ -662,6 +687,12 @@ async def _check_database(settings: Settings) -> list[Check]:
         except RelayError as exc:
             return [Check("database", False, f"database unreachable: {exc}")]
         checks = [Check("database", True, f"database reachable (PostgreSQL {server})")]
+        connection = describe(settings, store.pooler)
+        checks.append(
+            Check(
+                "connection", True, connection.detail, warning=connection.warning, fields=connection.fields()
+            )
+        )
         latest = latest_version()
         try:
             version = await store.schema_version()
@@ -681,7 +712,7 @@ async def _check_database(settings: Settings) -> list[Check]:
             checks += await _check_roles(store, settings)
         except RelayError as exc:
             checks.append(Check("roles", False, f"roles: {exc}"))
-        checks.append(await _check_listen(store))
+        checks.append(await _check_listen(store, settings))
     return checks
 
 
@@ -710,12 +741,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     ]
     problems = [c for c in checks if not c.ok]
     if args.json:
-        listed = [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]
+        listed = [{"name": c.name, "ok": c.ok, "detail": c.detail, **(c.fields or {})} for c in checks]
         print(report.dumps({"ok": not problems, "checks": listed}))
     else:
         for c in checks:
             if c.ok:
                 print(f"ok  {c.detail}", flush=True)
+                if c.warning and c.name != "listen":  # the listen line says it already
+                    print(f"warn {c.warning}", flush=True)
     for c in problems:
         sys.stderr.write(f"FAIL {c.detail}\n")
     if not problems:

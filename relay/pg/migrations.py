@@ -1,7 +1,8 @@
 """Reading ``schema/`` and applying its numbered migrations through the store.
 
 ``schema/migrations/NNNN_name.sql`` are applied in order, each in its own transaction,
-under an advisory lock (concurrent runs wait for each other, then find nothing to do).
+under an advisory lock held by that transaction (concurrent runs wait for each other, then
+find nothing to do; the lock is never left behind on a pooler's server connection).
 An applied file whose checksum changed stops everything: migrations are append-only.
 ``schema/schema.sql`` is the canonical DDL a DBA can read; a test proves both agree.
 """
@@ -96,6 +97,9 @@ async def migrate(store: Store, *, dry_run: bool = False) -> MigrationReport:
         pending = [m for m in files if m.version not in done]
         if dry_run:
             return MigrationReport([], pending, max(done, default=0))
-        for migration in pending:
-            await session.apply(migration.version, migration.name, migration.checksum, migration.sql)
-        return MigrationReport(pending, [], files[-1].version if files else 0)
+        applied = [
+            migration
+            for migration in pending
+            if await session.apply(migration.version, migration.name, migration.checksum, migration.sql)
+        ]
+        return MigrationReport(applied, [], files[-1].version if files else 0)

@@ -9,6 +9,8 @@ When a session turns out lost (the server went away), the idle ones are closed w
 went to the same server, and each would otherwise be found dead by a caller of its own (after a
 failover, one failed statement per pooled session).
 A caller who finds every session taken waits up to ``timeout`` seconds for one.
+``on_connect`` runs on each new session before it is handed out (the store learns there
+whether a pooler stands in between, :meth:`relay.pg.store.Store._connected`).
 
 Every session is in autocommit mode: a named query is one statement and its own transaction;
 a caller who needs more wraps them in ``conn.transaction()``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -32,12 +34,20 @@ class PoolTimeout(Exception):
 
 
 class Pool:
-    def __init__(self, params: Mapping[str, Any], *, size: int, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        *,
+        size: int,
+        timeout: float = 30.0,
+        on_connect: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("a pool holds at least one connection")
         self.size = size
         self.timeout = timeout
         self._params = dict(params)
+        self._on_connect = on_connect
         self._slots = asyncio.Semaphore(size)
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._taken: set[psycopg.AsyncConnection[Any]] = set()
@@ -101,7 +111,14 @@ class Pool:
             conn = self._idle.pop()
             if not conn.closed and not conn.broken:
                 return conn
-        return await psycopg.AsyncConnection.connect(**self._params, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(**self._params, autocommit=True)
+        if self._on_connect is not None:
+            try:
+                await self._on_connect(conn)
+            except BaseException:
+                await _close_quietly(conn)
+                raise
+        return conn
 
     async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
         doomed = conn in self._doomed

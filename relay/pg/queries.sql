@@ -11,10 +11,9 @@ create table if not exists outbox.schema_migrations (
 )
 
 -- migrations_lock --
-select pg_advisory_lock(hashtext('outbox-relay migrations'))
-
--- migrations_unlock --
-select pg_advisory_unlock(hashtext('outbox-relay migrations'))
+-- Held until the transaction ends: with a transaction-mode pooler (PgBouncer) a session lock
+-- would stay on whichever server connection ran it.
+select pg_advisory_xact_lock(hashtext('outbox-relay migrations'))
 
 -- migrations_applied --
 select version, name, checksum, applied_at from outbox.schema_migrations order by version
@@ -24,6 +23,12 @@ insert into outbox.schema_migrations (version, name, checksum) values (:version,
 
 -- ping --
 select 1 as one
+
+-- backend_pid --
+select pg_backend_pid() as pid
+
+-- probe_statement_timeout --
+select set_config('statement_timeout', :timeout, true) as timeout
 
 -- schema_version --
 select coalesce(max(version), 0) as version

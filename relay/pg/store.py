@@ -26,7 +26,14 @@ import psycopg.errors
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from relay.errors import DatabaseError, InvalidUpdate, PermissionDenied, SchemaError, WriteRefused
+from relay.errors import (
+    ConfigError,
+    DatabaseError,
+    InvalidUpdate,
+    PermissionDenied,
+    SchemaError,
+    WriteRefused,
+)
 from relay.pg.pool import Pool, PoolTimeout
 from relay.pg.refusals import refusal
 from relay.redact import mask, redact, secret_forms
@@ -233,6 +240,10 @@ def _translate_raw(exc: BaseException, role: str | None = None, user: str | None
 class Store:
     """Named queries over one small connection pool, and the health check's own connection (``probe``).
 
+    ``listen_url`` names a direct connection for LISTEN (:meth:`listen`); without it LISTEN
+    goes to ``url``. ``pooler`` tells, once a session was opened, whether a pooler stands between
+    the relay and PostgreSQL (:meth:`_connected`).
+
     ``role`` is the group role the user needs for what this store is used for
     (``outbox_relay`` for the daemon): a ``permission denied`` names it, with the ``grant`` to
     run (:class:`~relay.errors.PermissionDenied`). ``notices`` receives, one line each, the
@@ -247,8 +258,11 @@ class Store:
         application_name: str = "outbox-relay",
         role: str | None = None,
         notices: Callable[[str], None] | None = None,
+        listen_url: Secret | None = None,
     ) -> None:
         self.url = url
+        self.listen_url = listen_url
+        self.pooler: bool | None = None  # None until a session was opened
         self.role = role
         self.notices = notices
         self._secrets = _secret_forms(url)
@@ -256,9 +270,30 @@ class Store:
         params: dict[str, Any] = {"connect_timeout": 10, **database_params(url)}
         self._user: str | None = params.get("user") or None  # libpq's default is known once connected
         params["application_name"] = application_name
-        self.pool = Pool(params, size=pool_size, timeout=30)
+        self.pool = Pool(params, size=pool_size, timeout=30, on_connect=self._connected)
         # The health check's connection, outside the pool (opened on first use).
         self.probe = HealthProbe(url, application_name=f"{application_name} health")
+
+    async def _connected(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A new session: is a pooler (PgBouncer, ...) in between? Then no server-side prepared
+        statements on it.
+
+        psycopg prepares a statement on the server after ``prepare_threshold`` (5) runs of it;
+        behind a pooler in transaction mode the next transaction may run on another server
+        connection, where that statement does not exist (PgBouncer 1.18 does not track them).
+
+        How it is told: PostgreSQL's BackendKeyData carries the backend's process id, which
+        ``pg_backend_pid()`` returns too; PgBouncer (and Pgpool-II, Odyssey, ...) hand the client
+        a key of their own, since a cancel request must come back to them. Verified on PgBouncer
+        1.18 in transaction mode: ``conn.info.backend_pid`` is PgBouncer's random key, never the
+        server's pid. Asked on every new session (one round trip), so a URL that moves to a
+        pooler on reconnect is followed; a direct session keeps its prepared statements.
+        """
+        rows = await Transaction(conn).rows("backend_pid")
+        pooled = conn.info.backend_pid != int(rows[0]["pid"])
+        self.pooler = pooled
+        if pooled:
+            conn.prepare_threshold = None
 
     async def close(self) -> None:
         await self.probe.close()
@@ -344,21 +379,15 @@ class Store:
 
     @asynccontextmanager
     async def migration_session(self) -> AsyncIterator[MigrationSession]:
-        """A connection holding the migrations advisory lock for as long as it is open.
+        """A connection to migrate on; each of its steps is one transaction that holds the
+        migrations lock (:class:`MigrationSession`).
 
         The server's notices and warnings while a migration file runs (a role the user may not
         create, ...) go to :attr:`notices` as they arrive."""
         try:
             async with self.pool.connection() as conn:
                 self._user = self._user or conn.info.user
-                await conn.execute(queries()["migrations_lock"])
-                try:
-                    yield MigrationSession(conn, self.notices)
-                finally:
-                    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                        await conn.execute(queries()["migrations_unlock"])
-                    else:  # interrupted half-way: closing the session releases the lock
-                        self.pool.discard(conn)
+                yield MigrationSession(conn, self.notices)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc) from exc
 
@@ -480,21 +509,34 @@ class Store:
         await self._rows("relay_targets_expire")
 
     async def listen(self, ready: asyncio.Event | None = None) -> AsyncIterator[None]:
-        """Yield once per NOTIFY on the outbox channel; raises DatabaseError when the connection is lost."""
+        """Yield once per NOTIFY on the outbox channel; raises DatabaseError when the connection is lost.
+
+        On ``listen_url`` when set (a direct connection: LISTEN needs a session of its own,
+        which a transaction-mode pooler does not give), else on ``url``. A connection that
+        turns out to go through a pooler (told as :meth:`_connected` tells it) raises
+        :class:`ConfigError`: a LISTEN there would be accepted and then hear nothing."""
+        url = self.listen_url or self.url
         try:
             conn = await psycopg.AsyncConnection.connect(
-                libpq_conninfo(self.url), autocommit=True, application_name="outbox-relay listener"
+                libpq_conninfo(url), autocommit=True, application_name="outbox-relay listener"
             )
         except (psycopg.Error, OSError) as exc:
-            raise self._error(exc) from exc
+            raise _translate(exc, _secret_forms(url), self.role, self._user) from exc
         try:
+            pid = (await Transaction(conn).rows("backend_pid"))[0]["pid"]
+            if conn.info.backend_pid != int(pid):
+                name = "listen_database_url" if self.listen_url else "database_url"
+                raise ConfigError(
+                    f"{name} goes through a connection pooler: LISTEN needs a direct connection to "
+                    "PostgreSQL; the relay polls every poll_interval instead"
+                )
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             if ready is not None:
                 ready.set()
             async for _ in conn.notifies():
                 yield None
         except (psycopg.Error, OSError) as exc:
-            raise self._error(exc) from exc
+            raise _translate(exc, _secret_forms(url), self.role, self._user) from exc
         finally:
             await conn.close()
 
@@ -622,7 +664,9 @@ class HealthProbe:
 
     So a starved delivery pool does not fail health checks, and health checks never take a
     connection delivery needs. The connection is opened on first use with a short connect
-    timeout and statement timeout, and reopened after any failure. Checks made at the same
+    timeout, and reopened after any failure; the check runs in a transaction with a short
+    statement timeout (``SET LOCAL``: PgBouncer refuses a startup ``options`` parameter, and a
+    session setting would stay on whichever server connection a pooler lent). Checks made at the same
     time take turns on it.
     """
 
@@ -645,9 +689,11 @@ class HealthProbe:
                         autocommit=True,
                         connect_timeout=self.CONNECT_TIMEOUT,
                         application_name=self.application_name,
-                        options=f"-c statement_timeout={self.STATEMENT_TIMEOUT_MS}",
                     )
-                await self._conn.execute("select 1")
+                async with self._conn.transaction():
+                    check = Transaction(self._conn)
+                    await check.rows("probe_statement_timeout", {"timeout": str(self.STATEMENT_TIMEOUT_MS)})
+                    await check.rows("ping")
             except BaseException as exc:  # a cancelled check leaves the session in doubt too
                 await self._drop()
                 if isinstance(exc, psycopg.Error | OSError):
@@ -680,7 +726,13 @@ class Transaction:
 
 
 class MigrationSession:
-    """Migration primitives on a session that holds the migrations lock."""
+    """Migration primitives, each one transaction that first takes the migrations lock
+    (``pg_advisory_xact_lock``) and reads what is applied under it.
+
+    The lock lasts for the transaction, not the session: correct straight to PostgreSQL and
+    through a transaction-mode pooler alike (a session lock would stay on some server
+    connection of the pooler's). Concurrent runs wait for each other at each step; one that
+    finds a migration applied meanwhile skips it."""
 
     def __init__(
         self, conn: psycopg.AsyncConnection[Any], notices: Callable[[str], None] | None = None
@@ -689,24 +741,35 @@ class MigrationSession:
         self._notices = notices
 
     async def applied(self) -> dict[int, tuple[str, str]]:
+        """Version -> (name, checksum) of the applied migrations (the bookkeeping table is created
+        when missing)."""
+        async with self._conn.transaction():
+            return await self._locked_applied()
+
+    async def _locked_applied(self) -> dict[int, tuple[str, str]]:
+        await Transaction(self._conn).rows("migrations_lock")
         await self._conn.execute(queries()["migrations_bootstrap"])  # several statements, no parameters
         rows = await Transaction(self._conn).rows("migrations_applied")
         return {int(r["version"]): (str(r["name"]), str(r["checksum"])) for r in rows}
 
-    async def apply(self, version: int, name: str, checksum: str, sql: str) -> None:
-        """Run one migration file and record it, in one transaction; what the server notices
-        meanwhile goes to ``notices`` (the bookkeeping's own "already exists" notices do not)."""
-        handler = _notice_handler(self._notices) if self._notices else None
-        if handler is not None:
-            self._conn.add_notice_handler(handler)
-        try:
-            async with self._conn.transaction():
-                await self._conn.execute(sql.encode())  # the file as written: no parameter substitution
-                params = {"version": version, "name": name, "checksum": checksum}
-                await Transaction(self._conn).rows("migrations_record", params)
-        finally:
+    async def apply(self, version: int, name: str, checksum: str, sql: str) -> bool:
+        """Run one migration file and record it, in one transaction; False (nothing done) when
+        another run applied it meanwhile. What the server notices while the file runs goes to
+        ``notices`` (the bookkeeping's own "already exists" notices do not)."""
+        async with self._conn.transaction():
+            if version in await self._locked_applied():
+                return False
+            handler = _notice_handler(self._notices) if self._notices else None
             if handler is not None:
-                self._conn.remove_notice_handler(handler)
+                self._conn.add_notice_handler(handler)
+            try:
+                await self._conn.execute(sql.encode())  # the file as written: no parameter substitution
+            finally:
+                if handler is not None:
+                    self._conn.remove_notice_handler(handler)
+            params = {"version": version, "name": name, "checksum": checksum}
+            await Transaction(self._conn).rows("migrations_record", params)
+        return True
 
 
 def _notice_handler(notices: Callable[[str], None]) -> Callable[[psycopg.errors.Diagnostic], None]:

@@ -2,7 +2,10 @@
 
 The drain job runs on an interval (``poll_interval``, the fallback) with ``max_instances=1``
 and coalescing; a dedicated LISTEN connection wakes it as soon as a writer commits. Losing
-that connection only costs latency: polling goes on while it reconnects.
+that connection only costs latency: polling goes on while it reconnects. Behind a
+transaction-mode pooler (PgBouncer) LISTEN has no session to live on: the listener uses
+``listen_database_url`` (a direct connection) when set; without it the relay says so once in
+its log and polls (:meth:`Relay.listener`).
 
 Health (``/healthz``, and whether the heartbeat feeds the systemd watchdog) means progress: a
 drain that runs is healthy only while it keeps making progress (:func:`stall_after`); when none
@@ -132,7 +135,12 @@ class Relay:
         self.settings = settings
         self.monotonic = monotonic
         self.progress_every = progress_every
-        self.store = Store(settings.require_database_url(), pool_size=4, role="outbox_relay")
+        self.store = Store(
+            settings.require_database_url(),
+            pool_size=4,
+            role="outbox_relay",
+            listen_url=settings.listen_database_url,
+        )
         self.metrics = Metrics(targets=settings.targets)
         self.engine = Engine(
             settings, self.store, observer=observer or self.metrics, on_state_change=self._lane_changed
@@ -214,6 +222,22 @@ class Relay:
         if delay < self.settings.poll_interval:
             asyncio.get_running_loop().call_later(max(delay, 0.0) + 0.005, self.wake)
 
+    def listener(self) -> asyncio.Task[None] | None:
+        """The LISTEN task; None behind a pooler without ``listen_database_url``.
+
+        Asked once the store has opened a session (:meth:`wait_for_database`), which tells
+        whether a pooler is in between (:attr:`relay.pg.store.Store.pooler`): a LISTEN through
+        a transaction-mode pooler is accepted and then never hears a notification, since the
+        server connection it ran on goes back to the pooler's pool."""
+        if self.store.pooler and self.settings.listen_database_url is None:
+            log.warning(
+                "database_url goes through a connection pooler: no LISTEN wake-ups; polling every "
+                "poll_interval; set listen_database_url to a direct connection for wake-ups",
+                extra={"poll_interval": human_duration(self.settings.poll_interval)},
+            )
+            return None
+        return asyncio.create_task(self._listen())
+
     async def _listen(self) -> None:
         delay = 0.2
         while not self.stop_event.is_set():
@@ -221,6 +245,13 @@ class Relay:
                 async for _ in self.store.listen(self.listening):
                     delay = 0.2
                     self.wake()
+            except ConfigError as exc:  # listen_database_url goes through a pooler: no retry cures it
+                self.listening.clear()
+                log.warning(
+                    "no LISTEN wake-ups; polling every poll_interval",
+                    extra={"error": str(exc), "poll_interval": human_duration(self.settings.poll_interval)},
+                )
+                return
             except RelayError as exc:
                 self.listening.clear()
                 log.warning("LISTEN connection lost; polling meanwhile", extra={"error": str(exc)})
@@ -427,9 +458,10 @@ class Relay:
                 except OSError as exc:
                     raise ConfigError(metrics_listen_error(host, port, exc)) from exc
                 log.info("metrics listening", extra={"address": f"{host}:{self.metrics_server.port}"})
-            listener = asyncio.create_task(self._listen())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.listening.wait(), 5.0)
+            listener = self.listener()
+            if listener is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.listening.wait(), 5.0)
             # READY before the first job runs, so systemd sees READY=1 before any STATUS=.
             self.notifier.ready(f"relaying for {len(self.settings.targets)} target(s)")
             log.info("ready", extra={"relay_id": self.settings.relay_id})
