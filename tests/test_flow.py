@@ -434,3 +434,18 @@ def test_breaker_refuses_bad_settings(settings: BreakerSettings) -> None:
 def test_breaker_state_values() -> None:
     assert [s.value for s in BreakerState] == ["closed", "open", "half_open"]
     assert BreakerState("half_open") is BreakerState.HALF_OPEN
+
+
+def test_set_rate_shares_the_limit_and_keeps_a_429s_lowering() -> None:
+    now = [0.0]
+    bucket = TokenBucket(30.0, clock=lambda: now[0])
+    bucket.throttled()
+    assert bucket.current_rate == 15.0
+    bucket.set_rate(10.0)  # three relays share 30/s
+    assert (bucket.rate, bucket.current_rate, bucket.burst) == (10.0, 5.0, 1.0)
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == [pytest.approx(0.2), pytest.approx(0.4), pytest.approx(0.6)]
+    bucket.set_rate(30.0)  # alone again: the lowering carries over in proportion
+    assert bucket.current_rate == 15.0
+    with pytest.raises(ValueError):
+        bucket.set_rate(0.0)
