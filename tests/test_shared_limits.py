@@ -109,6 +109,7 @@ def test_three_relays_share_one_rate_limit_and_two_take_over_a_killed_ones_share
         killed_at = time.time()
         assert wait_until(lambda: states(database_url).get("delivered", 0) == ROWS, 120), states(database_url)
         times = _puts(sb)
+    assert max(sb.apply_count.values()) == 1
     window = busiest(times, 10.0)
     # Takeover: the first 2 s window after the kill carrying more than the full rate's 90 %.
     takeover = next(
@@ -124,7 +125,8 @@ def test_three_relays_share_one_rate_limit_and_two_take_over_a_killed_ones_share
     print(
         f"\n[shared limits] 3 relays, rate_limit {RATE}, {ROWS} rows: busiest 10 s window {window} requests "
         f"(bound {RATE * 11}); one killed: full rate again {takeover if takeover is None else round(takeover, 1)} s "
-        f"after the kill (heartbeat interval {HEARTBEAT_SECONDS:g} s), rate after the takeover {rate_after:.1f}/s"
+        f"after the kill (heartbeat interval {HEARTBEAT_SECONDS:g} s), rate after the takeover {rate_after:.1f}/s, "
+        f"duplicates sent {sb.duplicates}"
     )
     assert window <= RATE * 11
     assert rate_after > RATE * 2 / 3
@@ -152,7 +154,8 @@ def test_a_killed_relays_claims_are_delivered_by_the_other_long_before_its_lease
         took = time.monotonic() - killed
         assert wait_until(lambda: states(database_url).get("delivered", 0) == 3000, 120)
     print(
-        f"\n[dead relay] kill -9 of one of two relays: its {len(held)} claimed rows delivered {took:.1f} s later"
+        f"\n[dead relay] kill -9 of one of two relays: its {len(held)} claimed rows delivered {took:.1f} s later; "
+        f"duplicates sent {sb.duplicates}"
     )
     assert took <= 2 * HEARTBEAT_SECONDS, (tmp_path / "live.log").read_text()[-3000:]
     assert max(sb.apply_count.values()) == 1

@@ -320,26 +320,32 @@ class Relay:
             log.debug("reading the other relays failed", extra={"error": str(exc)})
             return
         dead = peers.apply(self.engine, rows)
-        if dead:
-            await self._release_claims(dead, "released the claims of a relay that stopped")
+        released = await self._release_claims(dead) if dead else ""
+        if released:
+            log.warning(
+                "released the claims of a relay that stopped",
+                extra={"relays": ", ".join(dead), "rows": released},
+            )
 
-    async def _release_claims(self, relay_ids: list[str], message: str) -> None:
+    async def _release_claims(self, relay_ids: list[str]) -> str:
+        """Make the rows these relays hold due (and wake the drain); the rows released per target,
+        as ``target=n, ...``, or an empty string."""
         try:
             released = await self.store.release_claims(relay_ids)
         except RelayError as exc:
             log.debug("releasing claims failed", extra={"error": str(exc)})
-            return
-        if released:
-            rows = ", ".join(f"{target}={n}" for target, n in released.items())
-            log.warning(message, extra={"relays": ", ".join(relay_ids), "rows": rows})
-            if self.scheduler.running:
-                self.wake()
+            return ""
+        if released and self.scheduler.running:
+            self.wake()
+        return ", ".join(f"{target}={n}" for target, n in released.items())
 
     async def join(self) -> None:
         """Before the first drain: release what an earlier process of this relay id still held,
         register with the other relays and, when a target has a rate limit, wait
         :data:`relay.core.peers.JOIN_SECONDS` so that they lower their share before we send."""
-        await self._release_claims([self.settings.relay_id], "released the claims of this relay's last run")
+        released = await self._release_claims([self.settings.relay_id])
+        if released:
+            log.warning("released the claims of this relay's last run", extra={"rows": released})
         try:
             await self._write_states()
         except RelayError as exc:
