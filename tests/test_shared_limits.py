@@ -34,14 +34,15 @@ def _puts(sb: Sandbox) -> list[float]:
     return sorted(r.time for r in list(sb.requests) if r.method == "PUT")
 
 
-def busiest(times: list[float], window: float) -> int:
-    """The most requests in any window of ``window`` seconds."""
-    best, start = 0, 0
+def busiest(times: list[float], window: float) -> tuple[int, float]:
+    """The most requests in any window of ``window`` seconds, and when that window starts."""
+    best, at, start = 0, 0.0, 0
     for end, t in enumerate(times):
         while t - times[start] >= window:
             start += 1
-        best = max(best, end - start + 1)
-    return best
+        if end - start + 1 > best:
+            best, at = end - start + 1, times[start]
+    return best, at
 
 
 def _in_window(times: list[float], start: float, end: float) -> int:
@@ -110,7 +111,7 @@ def test_three_relays_share_one_rate_limit_and_two_take_over_a_killed_ones_share
         assert wait_until(lambda: states(database_url).get("delivered", 0) == ROWS, 120), states(database_url)
         times = _puts(sb)
     assert max(sb.apply_count.values()) == 1
-    window = busiest(times, 10.0)
+    window, window_at = busiest(times, 10.0)
     # Takeover: the first 2 s window after the kill carrying more than the full rate's 90 %.
     takeover = next(
         (
@@ -124,7 +125,8 @@ def test_three_relays_share_one_rate_limit_and_two_take_over_a_killed_ones_share
     rate_after = (len(after) - 1) / (after[-1] - after[0]) if len(after) > 1 else 0.0
     print(
         f"\n[shared limits] 3 relays, rate_limit {RATE}, {ROWS} rows: busiest 10 s window {window} requests "
-        f"(bound {RATE * 11}); one killed: full rate again {takeover if takeover is None else round(takeover, 1)} s "
+        f"(bound {RATE * 11}; it starts {window_at - times[0]:.1f} s after the first request, the kill came "
+        f"{killed_at - times[0]:.1f} s after it); one killed: full rate again {takeover if takeover is None else round(takeover, 1)} s "
         f"after the kill (heartbeat interval {HEARTBEAT_SECONDS:g} s), rate after the takeover {rate_after:.1f}/s, "
         f"duplicates sent {sb.duplicates}"
     )
