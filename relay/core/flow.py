@@ -167,12 +167,18 @@ class TokenBucket:
 
         The current rate keeps its ratio to the configured one (a 429's lowering carries over),
         the default burst follows the new rate, and saved-up tokens beyond it are dropped.
+        Reservations already handed out keep their times, so a new one never comes before them:
+        on a raise, the debt grows with the rate (it still takes as long to clear); on a cut, it
+        stays, and is repaid at the lower rate, so the callers who reserved at the old rate are
+        compensated for.
         """
         if not rate > 0:
             raise ValueError(f"rate must be positive, got {rate!r}")
         if rate == self._rate:
             return
         self._refill(self._clock())
+        if self._tokens < 0:
+            self._tokens = min(self._tokens, self._tokens * rate / self._rate)
         self._current = self._current * rate / self._rate
         self._rate = float(rate)
         if self._own_burst:
