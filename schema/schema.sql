@@ -307,9 +307,13 @@ create table outbox.relay_targets (
     reason       text,
     since        timestamptz not null default now(),
     heartbeat_at timestamptz not null default now(),
+    paused_until timestamptz,
     primary key (relay_id, target),
     constraint relay_target_state check (state in ('serving', 'paused', 'probing'))
 );
+comment on column outbox.relay_targets.paused_until is
+    'Until when this relay holds its own pause of the target (breaker open or probing); null while serving '
+    'or while only following another relay''s pause.';
 
 -- The row's state machine, for every role but the table's owner (and the operator's re-queue):
 --   pending | in_flight (lease run out)  -> in_flight under a new claim token     (a claim)

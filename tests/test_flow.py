@@ -434,3 +434,29 @@ def test_breaker_refuses_bad_settings(settings: BreakerSettings) -> None:
 def test_breaker_state_values() -> None:
     assert [s.value for s in BreakerState] == ["closed", "open", "half_open"]
     assert BreakerState("half_open") is BreakerState.HALF_OPEN
+
+
+def test_set_rate_shares_the_limit_and_keeps_a_429s_lowering() -> None:
+    now = [0.0]
+    bucket = TokenBucket(30.0, clock=lambda: now[0])
+    bucket.throttled()
+    assert bucket.current_rate == 15.0
+    bucket.set_rate(10.0)  # three relays share 30/s
+    assert (bucket.rate, bucket.current_rate, bucket.burst) == (10.0, 5.0, 1.0)
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == [pytest.approx(0.2), pytest.approx(0.4), pytest.approx(0.6)]
+    bucket.set_rate(30.0)  # alone again: the lowering carries over in proportion
+    assert bucket.current_rate == 15.0
+    with pytest.raises(ValueError):
+        bucket.set_rate(0.0)
+
+
+def test_set_rate_never_lets_a_new_reservation_overtake_one_already_handed_out() -> None:
+    now = [0.0]
+    bucket = TokenBucket(10.0, clock=lambda: now[0])
+    waits = [bucket.reserve() for _ in range(5)]  # the burst (1), then 0.1 s apart
+    assert waits[-1] == pytest.approx(0.4)
+    bucket.set_rate(20.0)  # a peer left: the debt still takes 0.4 s to clear
+    assert bucket.reserve() == pytest.approx(0.45)
+    bucket.set_rate(5.0)  # a peer joined: the debt is repaid at the lower rate
+    assert bucket.reserve() == pytest.approx(10 / 5.0)

@@ -328,6 +328,11 @@ async def test_the_relay_claims_records_heartbeats_and_purges_with_only_its_role
         stale = RowResult(seeded["f-1"], token, "delivered", charged=1, requests=1)  # not its claim
         assert await store.record([stale], [], "relay-t") == 0
         await store.heartbeat("relay-t", [("default", "serving", None)])
+        # Several relays: a shared pause written, read by another relay, and claims released.
+        await store.heartbeat("relay-t", [("default", "paused", "refused")], {"default": 30.0})
+        (peer,) = await store.peers("relay-u", {"default": None}, 5.0, 60.0)
+        assert peer.relay_id == "relay-t" and peer.alive and 0 < (peer.paused_for or 0) <= 30
+        assert sum((await store.release_claims(["relay-t"])).values()) >= 1
         assert await purge(store, 86400.0, True, 1) == 2  # v-1 and d-1, finished two days ago
         await store.forget_relay("relay-t")
     finally:

@@ -18,6 +18,7 @@ from relay.settings import DEFAULT_TARGET, Settings, TargetSettings, load_settin
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "outbox-relay.service"
+TEMPLATE = SYSTEMD_DIR / "outbox-relay@.service"
 ENV_EXAMPLE = SYSTEMD_DIR / "outbox-relay.env.example"
 CONFIG_EXAMPLE = SYSTEMD_DIR / "config.toml.example"
 SETTINGS_SOURCE = Path(settings_module.__file__)
@@ -64,18 +65,18 @@ def _directives(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def _unit_for_verify(tmp_path: Path, extra: str = "") -> Path:
+def _unit_for_verify(tmp_path: Path, extra: str = "", unit: Path = UNIT) -> Path:
     """A copy of the unit whose ExecStart= names an executable that exists here.
 
     ``systemd-analyze verify`` checks that ExecStart='s binary exists; /usr/local/bin/outbox-relay
     is where ``pip install`` puts the script on a real host, but not on this test machine, so the
     copy runs ``sys.executable -m relay run`` instead. Nothing else is changed.
     """
-    text = UNIT.read_text(encoding="utf-8")
+    text = unit.read_text(encoding="utf-8")
     original = "ExecStart=/usr/local/bin/outbox-relay run\n"
     assert text.count(original) == 1
     text = text.replace(original, f"ExecStart={sys.executable} -m relay run\n{extra}")
-    copy = tmp_path / UNIT.name
+    copy = tmp_path / unit.name
     copy.write_text(text, encoding="utf-8")
     return copy
 
@@ -348,3 +349,63 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
 def test_env_example_config_path_matches_the_unit() -> None:
     config = dict(_env_lines())["RELAY_CONFIG"]
     assert _directives(UNIT)["Service"]["Environment"] == [f"RELAY_CONFIG={config}"]
+
+
+# --- the template unit: several relays on one host ---------------------------------------------
+
+# What outbox-relay@.service may set differently from outbox-relay.service; everything else (the
+# hardening, credentials, timeouts, memory) must be the same, line for line.
+TEMPLATE_OWN = {"Description", "Environment", "EnvironmentFile", "SocketBindAllow"}
+
+
+def _instance_for_verify(tmp_path: Path, extra: str = "") -> Path:
+    """The template copied as :func:`_unit_for_verify` does, and the path of its instance 1."""
+    copy = _unit_for_verify(tmp_path, extra, TEMPLATE)
+    return copy.with_name("outbox-relay@1.service")
+
+
+def test_template_verify_is_clean(tmp_path: Path) -> None:
+    instance = _instance_for_verify(tmp_path)
+    result = _analyze("verify", str(instance))
+    output = (result.stdout + result.stderr).strip()
+    about_unit = [line for line in output.splitlines() if "outbox-relay" in line or str(tmp_path) in line]
+    assert about_unit == [], output
+    assert result.returncode == 0, output
+
+
+def test_template_verify_would_notice_a_broken_unit(tmp_path: Path) -> None:
+    instance = _instance_for_verify(tmp_path, extra="NoSuchDirective=1\n")
+    result = _analyze("verify", str(instance))
+    output = result.stdout + result.stderr
+    assert "NoSuchDirective" in output, output
+
+
+def test_template_security_exposure_is_as_low_as_the_units(tmp_path: Path) -> None:
+    instance = _instance_for_verify(tmp_path)
+    result = _analyze("security", "--offline=yes", str(instance))
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match, f"no exposure score in the output (rc={result.returncode}):\n{output}"
+    assert float(match.group(1)) <= MAX_EXPOSURE, output
+
+
+def test_template_is_the_unit_but_for_the_instances_own_lines() -> None:
+    unit, template = _directives(UNIT), _directives(TEMPLATE)
+    assert template.keys() == unit.keys()
+    for section, directives in unit.items():
+        same = {k: v for k, v in template[section].items() if k not in TEMPLATE_OWN}
+        assert same == {k: v for k, v in directives.items() if k not in TEMPLATE_OWN}, section
+    service = template["Service"]
+    assert service["Environment"] == [*unit["Service"]["Environment"], "RELAY_ID=%H-%i"]
+    assert service["EnvironmentFile"] == [
+        *unit["Service"]["EnvironmentFile"],
+        "-/etc/outbox-relay/outbox-relay@%i.env",
+    ]
+    assert "%i" in template["Unit"]["Description"][0]
+
+
+def test_template_allows_one_metrics_port_per_instance() -> None:
+    (allowed,) = _directives(TEMPLATE)["Service"]["SocketBindAllow"]
+    low, _, high = allowed.removeprefix("tcp:").partition("-")
+    assert int(low) == _metrics_port_of_the_examples() and int(high) - int(low) + 1 >= 2
+    assert _directives(TEMPLATE)["Service"]["SocketBindDeny"] == ["any"]

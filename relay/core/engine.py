@@ -102,6 +102,10 @@ class Lane:
     # Rows held that have not taken their rate-limit token yet: the limiter's queue.
     waiting: set[int] = field(default_factory=set)
     exhausted: bool = False
+    # Live relays serving this target, this one included (relay.core.peers): the rate's divisor.
+    relays: int = 1
+    # The relay whose pause this lane follows (relay.core.peers), or None.
+    followed: str | None = None
     last_state: str = "serving"
     paused_since: float | None = None  # time.monotonic() when the target stopped serving
     # time.monotonic() when the latest request whose credentials the API accepted (an answer that
@@ -611,6 +615,10 @@ class Engine:
         """The target refuses us (401/403, no token): paused at once, probed with backoff."""
         lane.breaker.hold(reason)
         self._report_lane(lane, logging.ERROR)
+
+    def report_lane(self, lane: Lane) -> None:
+        """A lane's breaker was changed from outside the engine (a pause shared by another relay)."""
+        self._report_lane(lane)
 
     def _report_lane(self, lane: Lane, level: int = logging.WARNING) -> None:
         """Log and announce a change of the lane's state, once per change.

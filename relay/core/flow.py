@@ -77,6 +77,7 @@ class TokenBucket:
         if throttle_cooldown < 0:
             raise ValueError(f"throttle_cooldown must not be negative, got {throttle_cooldown!r}")
         self._rate = float(rate)
+        self._own_burst = burst is None
         self._burst = float(burst) if burst is not None else max(1.0, self._rate / 10.0)
         self._clock = clock
         self._recovery = float(recovery)
@@ -160,6 +161,29 @@ class TokenBucket:
             elapsed = max(0.0, now - self._last_adjust)
             self._current = min(self._rate, self._current + self._rate * elapsed / self._recovery)
         self._last_adjust = now
+
+    def set_rate(self, rate: float) -> None:
+        """Change the configured rate (a relay's share of a limit shared with others).
+
+        The current rate keeps its ratio to the configured one (a 429's lowering carries over),
+        the default burst follows the new rate, and saved-up tokens beyond it are dropped.
+        Reservations already handed out keep their times, so a new one never comes before them:
+        on a raise, the debt grows with the rate (it still takes as long to clear); on a cut, it
+        stays, and is repaid at the lower rate, so the callers who reserved at the old rate are
+        compensated for.
+        """
+        if not rate > 0:
+            raise ValueError(f"rate must be positive, got {rate!r}")
+        if rate == self._rate:
+            return
+        self._refill(self._clock())
+        if self._tokens < 0:
+            self._tokens = min(self._tokens, self._tokens * rate / self._rate)
+        self._current = self._current * rate / self._rate
+        self._rate = float(rate)
+        if self._own_burst:
+            self._burst = max(1.0, self._rate / 10.0)
+        self._tokens = min(self._tokens, self._burst)
 
     def __repr__(self) -> str:
         return f"TokenBucket(rate={self._rate:g}, current_rate={self._current:g}, burst={self._burst:g})"

@@ -208,13 +208,15 @@ select (select count(*) from done) as recorded, (select count(*) from attempts) 
        array(select distinct id from gone order by id) as dropped
 
 -- relay_targets_heartbeat --
-insert into outbox.relay_targets as t (relay_id, target, state, reason)
-select :relay_id, s.target, s.state, s.reason
-from unnest(cast(:targets as text[]), cast(:states as text[]), cast(:reasons as text[]))
-     as s(target, state, reason)
+insert into outbox.relay_targets as t (relay_id, target, state, reason, paused_until)
+select :relay_id, s.target, s.state, s.reason, now() + make_interval(secs => s.paused_for)
+from unnest(cast(:targets as text[]), cast(:states as text[]), cast(:reasons as text[]),
+            cast(:paused_for as double precision[]))
+     as s(target, state, reason, paused_for)
 on conflict (relay_id, target) do update
 set state = excluded.state,
     reason = excluded.reason,
+    paused_until = excluded.paused_until,
     -- paused and probing alternate during one pause: since counts from when it stopped serving
     since = case when (t.state = 'serving') = (excluded.state = 'serving') then t.since else now() end,
     heartbeat_at = now()
@@ -224,6 +226,48 @@ delete from outbox.relay_targets where relay_id = :relay_id
 
 -- relay_targets_expire --
 delete from outbox.relay_targets where heartbeat_at < now() - interval '1 day'
+
+-- relay_peers --
+-- One round trip a second (relay/core/peers.py): this relay's presence (heartbeat_at, and until
+-- when it holds its own pauses) and what it sees of the others. A row is live while its relay
+-- touched it within :alive seconds. A relay is dead when every row of it is older than this
+-- relay's own previous touch minus :alive: measured against our own touch, a database that
+-- stalls everyone's writes makes nobody look dead. Dead relays older than a lease are left out:
+-- their claims have run out by themselves.
+with mine as (
+    select max(heartbeat_at) as at from outbox.relay_targets where relay_id = :relay_id
+), touched as (
+    update outbox.relay_targets t
+    set heartbeat_at = now(),
+        paused_until = now() + make_interval(secs => p.paused_for)
+    from unnest(cast(:targets as text[]), cast(:paused_for as double precision[])) as p(target, paused_for)
+    where t.relay_id = :relay_id and t.target = p.target
+    returning 1
+)
+select t.relay_id, t.target, t.state, t.reason,
+       extract(epoch from t.paused_until - now())::double precision as paused_for,
+       t.heartbeat_at > now() - make_interval(secs => :alive) as alive
+from outbox.relay_targets t cross join mine
+where t.relay_id <> :relay_id
+  and (t.heartbeat_at > now() - make_interval(secs => :alive)
+       or (t.heartbeat_at < mine.at - make_interval(secs => :alive)
+           and t.heartbeat_at > now() - make_interval(secs => :alive + :lease)))
+order by t.relay_id, t.target
+
+-- relay_claims_release --
+-- The claims of relays that are gone (dead, or this relay's own previous process) made due: the
+-- next claim takes them, and a row that was being sent becomes an outcome-unknown re-send. Due as
+-- of just before the row was written (or re-queued), not now: they were claimed first because
+-- they were the oldest, so they go before the backlog, even before rows written in the same
+-- transaction (same created_at), instead of waiting behind it. The claim token is left alone: a
+-- late answer of the old claim is fenced off by the new one.
+with released as (
+    update outbox.action_status_updates
+    set next_attempt_at = least(now(), coalesce(requeued_at, created_at)) - interval '1 microsecond'
+    where state = 'in_flight' and claimed_by = any(cast(:relay_ids as text[])) and next_attempt_at > now()
+    returning target
+)
+select target, count(*) as released from released group by target order by target
 
 -- notify_relays --
 select pg_notify('outbox_action_status', '')

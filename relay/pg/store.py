@@ -493,7 +493,14 @@ class Store:
         rows = await self._rows("updates_record", params)
         return Recorded(int(rows[0]["recorded"]), tuple(int(i) for i in rows[0]["dropped"]))
 
-    async def heartbeat(self, relay_id: str, states: Sequence[tuple[str, str, str | None]]) -> None:
+    async def heartbeat(
+        self,
+        relay_id: str,
+        states: Sequence[tuple[str, str, str | None]],
+        paused_for: Mapping[str, float | None] | None = None,
+    ) -> None:
+        """Write the targets' states; ``paused_for``: seconds left of this relay's own pauses."""
+        held = paused_for or {}
         await self._rows(
             "relay_targets_heartbeat",
             {
@@ -501,8 +508,43 @@ class Store:
                 "targets": [s[0] for s in states],
                 "states": [s[1] for s in states],
                 "reasons": [s[2] for s in states],
+                "paused_for": [held.get(s[0]) for s in states],
             },
         )
+
+    async def peers(
+        self, relay_id: str, paused_for: Mapping[str, float | None], alive: float, lease: float
+    ) -> list[PeerRow]:
+        """Touch this relay's rows of ``outbox.relay_targets`` (``paused_for``: target -> seconds
+        left of its own pause, or None) and read the other relays: live ones, and dead ones whose
+        claims may still hold (``relay_peers``)."""
+        rows = await self._rows(
+            "relay_peers",
+            {
+                "relay_id": relay_id,
+                "targets": list(paused_for),
+                "paused_for": list(paused_for.values()),
+                "alive": alive,
+                "lease": lease,
+            },
+        )
+        return [
+            PeerRow(
+                str(r["relay_id"]),
+                str(r["target"]),
+                str(r["state"]),
+                r["reason"],
+                None if r["paused_for"] is None else float(r["paused_for"]),
+                bool(r["alive"]),
+            )
+            for r in rows
+        ]
+
+    async def release_claims(self, relay_ids: Sequence[str]) -> dict[str, int]:
+        """Make the rows claimed by ``relay_ids`` due now (``relay_claims_release``); returns the
+        rows released per target."""
+        rows = await self._rows("relay_claims_release", {"relay_ids": list(relay_ids)})
+        return {str(r["target"]): int(r["released"]) for r in rows}
 
     async def forget_relay(self, relay_id: str) -> None:
         await self._rows("relay_targets_forget", {"relay_id": relay_id})
@@ -792,6 +834,18 @@ class Privileges:
     missing: list[str]  # e.g. "select on outbox.schema_migrations"
     member: bool | None  # a member of the role; None when the role does not exist
     owner: bool  # owns the schema (may do anything)
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """Another relay's row of ``outbox.relay_targets``, as :meth:`Store.peers` reads it."""
+
+    relay_id: str
+    target: str
+    state: str
+    reason: str | None
+    paused_for: float | None  # seconds left of the pause it holds itself (negative: ran out)
+    alive: bool  # touched within the live bound; False: dead (its claims may be released)
 
 
 @dataclass(frozen=True)

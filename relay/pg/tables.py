@@ -145,6 +145,7 @@ relay_targets = Table(
     Column("reason", Text),
     Column("since", _timestamptz(), nullable=False),
     Column("heartbeat_at", _timestamptz(), nullable=False),
+    Column("paused_until", _timestamptz()),
 )
 
 # One row per dead row put back to pending, append-only.

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from relay.core import peers
 from relay.core.engine import Engine, Observer
 from relay.durations import human_duration
 from relay.errors import ConfigError, DatabaseError, PermissionDenied, RelayError, SchemaError
@@ -351,8 +352,59 @@ class Relay:
         lock, so a later write never carries older states than an earlier one."""
         async with self._states_lock:
             states = self.engine.lane_states()
-            await self.store.heartbeat(self.settings.relay_id, states)
+            await self.store.heartbeat(self.settings.relay_id, states, peers.own_pauses(self.engine))
             return states
+
+    async def share(self) -> None:
+        """Presence and shared limits (:mod:`relay.core.peers`; the scheduler runs it every
+        second, tests call it directly): touch this relay's rows, divide the rate limits among
+        the live relays, follow their pauses, and release the claims of dead ones."""
+        try:
+            rows = await self.store.peers(
+                self.settings.relay_id,
+                peers.own_pauses(self.engine),
+                peers.ALIVE_SECONDS,
+                self.settings.lease,
+            )
+        except RelayError as exc:
+            log.debug("reading the other relays failed", extra={"error": str(exc)})
+            return
+        dead = peers.apply(self.engine, rows)
+        released = await self._release_claims(dead) if dead else ""
+        if released:
+            log.warning(
+                "released the claims of a relay that stopped",
+                extra={"relays": ", ".join(dead), "rows": released},
+            )
+
+    async def _release_claims(self, relay_ids: list[str]) -> str:
+        """Make the rows these relays hold due (and wake the drain); the rows released per target,
+        as ``target=n, ...``, or an empty string."""
+        try:
+            released = await self.store.release_claims(relay_ids)
+        except RelayError as exc:
+            log.debug("releasing claims failed", extra={"error": str(exc)})
+            return ""
+        if released and self.scheduler.running:
+            self.wake()
+        return ", ".join(f"{target}={n}" for target, n in released.items())
+
+    async def join(self) -> None:
+        """Before the first drain: release what an earlier process of this relay id still held,
+        register with the other relays and, when a target has a rate limit, wait
+        :data:`relay.core.peers.JOIN_SECONDS` so that they lower their share before we send."""
+        released = await self._release_claims([self.settings.relay_id])
+        if released:
+            log.warning("released the claims of this relay's last run", extra={"rows": released})
+        try:
+            await self._write_states()
+        except RelayError as exc:
+            log.debug("registering with the other relays failed", extra={"error": str(exc)})
+            return
+        if any(t.rate_limit for t in self.settings.targets.values()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), peers.JOIN_SECONDS)
+        await self.share()
 
     def _lane_changed(self, target: str, state: str) -> None:
         """The engine saw a target change state: ``status`` shows it now, not at the next heartbeat."""
@@ -447,6 +499,7 @@ class Relay:
         listener: asyncio.Task[None] | None = None
         try:
             await self.wait_for_database()
+            await self.join()
             if self.stop_event.is_set():
                 return
             self.add_jobs()
@@ -479,7 +532,8 @@ class Relay:
             await self._shutdown(listener)
 
     def add_jobs(self) -> None:
-        """The scheduler's jobs: drain (the fallback to LISTEN), heartbeat, progress, retention.
+        """The scheduler's jobs: drain (the fallback to LISTEN), heartbeat, share (the other
+        relays), progress, retention.
 
         Each runs however late it comes (``misfire_grace_time=None``) and late runs coalesce
         into one: a slow start or a busy event loop delays a job, never skips it, and APScheduler
@@ -502,6 +556,9 @@ class Relay:
             id="heartbeat",
             next_run_time=now,
             **timely,
+        )
+        self.scheduler.add_job(
+            self.share, "interval", seconds=peers.PRESENCE_SECONDS, id="share", next_run_time=now, **timely
         )
         self.scheduler.add_job(
             self.progress, "interval", seconds=self.progress_every, id="progress", **timely
