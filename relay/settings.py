@@ -690,17 +690,24 @@ _TARGET_DEFAULT_KEYS = ("request_timeout", "max_concurrency", "rate_limit", "ca_
 _ENV_TOKEN_TEXT = ("RELAY_API_TOKEN", "RELAY_OAUTH_CLIENT_ID")
 
 
+# The variables of each database URL setting: the URL, and a file holding it.
+_DATABASE_URL_VARIABLES = {
+    "database_url": ("RELAY_DATABASE_URL", "RELAY_DATABASE_URL_FILE"),
+    "listen_database_url": ("RELAY_LISTEN_DATABASE_URL", "RELAY_LISTEN_DATABASE_URL_FILE"),
+}
+
+
 def _database_url(env: Mapping[str, str], top: Mapping[str, Any], key: str, credential: str) -> Secret | None:
     """A database URL setting (``database_url``, ``listen_database_url``), first found of: its
     variable, its ``_FILE`` variable, the key, the ``_file`` key, the systemd credential.
     Checked here, at start-up: a bad URL is one line naming where it came from."""
-    var = f"RELAY_{key.upper()}"
+    var, file_var = _DATABASE_URL_VARIABLES[key]
     url: Secret | None
     source = key
     if env.get(var):
         url, source = Secret(env[var]), var
-    elif env.get(f"{var}_FILE"):
-        source = f"{var}_FILE"
+    elif env.get(file_var):
+        source = file_var
         url = _read_secret_file(env[source], source, env)
     elif key in top:
         url = Secret(str(top[key]))
