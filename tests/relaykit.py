@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -10,7 +11,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,19 @@ def start_relay_process(env: dict[str, str], log_path: Path) -> subprocess.Popen
         return subprocess.Popen(
             [sys.executable, "-m", "relay", "run"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+@contextlib.contextmanager
+def relay_processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Relay processes a test starts (append them); any still running at the end are killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def expected_bodies(updates: Iterable[tuple[str, str, list[dict[str, str]]]]) -> dict[str, dict[str, Any]]:

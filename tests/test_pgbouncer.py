@@ -23,7 +23,7 @@ from relay.pg.migrations import latest_version
 from relay.pg.store import HealthProbe, Store
 from relay.settings import Secret
 from tests.pgbouncer import PgBouncer
-from tests.relaykit import cli, relay_env, start_relay_process, states, wait_until
+from tests.relaykit import cli, relay_env, relay_processes, start_relay_process, states, wait_until
 
 POLLING_LINE = re.compile(
     r"connection pooler: no LISTEN wake-ups; polling every poll_interval.*listen_database_url"
@@ -39,14 +39,8 @@ def sandbox() -> Iterator[Sandbox]:
 @pytest.fixture
 def relays() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Relay processes the test started; any still running at the end are killed."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
+    with relay_processes() as procs:
         yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:

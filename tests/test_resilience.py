@@ -34,6 +34,7 @@ from relay.settings import Secret, TargetSettings
 from tests.relaykit import (
     expected_bodies,
     relay_env,
+    relay_processes,
     relay_settings,
     sample_updates,
     seed_rows,
@@ -104,19 +105,6 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
     return int(proc.returncode)
 
 
-@contextlib.contextmanager
-def _relays() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Relay processes started by the test; any still running at the end are stopped."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 def _sandbox(**faults: Any) -> Sandbox:
     return Sandbox(SandboxConfig(seed=3, faults=Faults(**faults))).start()
 
@@ -146,7 +134,7 @@ def test_kill_9_during_a_drain_loses_nothing_and_resends_only_rows_in_flight(
     held_counts: list[int] = []
     rescued: Counter[str] = Counter()  # action id -> kills it was held at
     started = time.monotonic()
-    with _sandbox(latency=0.002) as sandbox, _relays() as procs:
+    with _sandbox(latency=0.002) as sandbox, relay_processes() as procs:
         env = relay_env(
             relay_url, sandbox.url, RELAY_LEASE="3", RELAY_REQUEST_TIMEOUT="1", RELAY_MAX_CONCURRENCY="32"
         )
@@ -211,7 +199,7 @@ def test_three_relays_on_one_database_share_the_work_and_send_each_row_once(
     n = 2400
     updates = sample_updates(n, seed=12, prefix="three")
     started = time.monotonic()
-    with _sandbox(latency=0.005) as sandbox, _relays() as procs:
+    with _sandbox(latency=0.005) as sandbox, relay_processes() as procs:
         env = relay_env(relay_url, sandbox.url, RELAY_MAX_CONCURRENCY="16", RELAY_BATCH_SIZE="20")
         logs = [tmp_path / f"relay-{i}.log" for i in range(3)]
         procs.extend(start_relay_process(env, log) for log in logs)
@@ -294,7 +282,7 @@ def test_postgresql_restarted_mid_drain_the_same_relay_process_finishes(
     down_for: list[float] = []
     started = time.monotonic()
     log = tmp_path / "relay.log"
-    with _sandbox(latency=0.005) as sandbox, _relays() as procs:
+    with _sandbox(latency=0.005) as sandbox, relay_processes() as procs:
         env = relay_env(url, sandbox.url, RELAY_LEASE=str(lease), RELAY_REQUEST_TIMEOUT="1")
         proc = start_relay_process(env, log)
         procs.append(proc)
@@ -341,7 +329,7 @@ def test_relay_backends_terminated_mid_drain_the_same_relay_process_finishes(
     terminated: list[int] = []
     started = time.monotonic()
     log = tmp_path / "relay.log"
-    with _sandbox(latency=0.005) as sandbox, _relays() as procs:
+    with _sandbox(latency=0.005) as sandbox, relay_processes() as procs:
         env = relay_env(database_url, sandbox.url, RELAY_LEASE="4", RELAY_REQUEST_TIMEOUT="1")
         proc = start_relay_process(env, log)
         procs.append(proc)
@@ -385,7 +373,7 @@ def test_a_failed_drain_is_tried_again_before_the_next_poll(database_url: str, t
     wait for the poll interval (60 s here) or for another commit."""
     updates = sample_updates(20, seed=15, prefix="retry-drain")
     log = tmp_path / "relay.log"
-    with _sandbox(latency=0.0) as sandbox, _relays() as procs:
+    with _sandbox(latency=0.0) as sandbox, relay_processes() as procs:
         env = relay_env(database_url, sandbox.url, RELAY_POLL_INTERVAL="60")
         proc = start_relay_process(env, log)
         procs.append(proc)
@@ -423,7 +411,7 @@ def test_sigterm_mid_drain_exits_0_in_time_and_leaves_nothing_in_flight(
     updates = sample_updates(n, seed=15, prefix="sigterm")
     seed_rows(database_url, updates)
     log = tmp_path / "relay.log"
-    with _sandbox(latency=latency) as sandbox, _relays() as procs:
+    with _sandbox(latency=latency) as sandbox, relay_processes() as procs:
         env = relay_env(
             database_url,
             sandbox.url,
