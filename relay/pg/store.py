@@ -289,8 +289,7 @@ class Store:
         server's pid. Asked on every new session (one round trip), so a URL that moves to a
         pooler on reconnect is followed; a direct session keeps its prepared statements.
         """
-        rows = await Transaction(conn).rows("backend_pid")
-        pooled = conn.info.backend_pid != int(rows[0]["pid"])
+        pooled = await _through_pooler(conn)
         self.pooler = pooled
         if pooled:
             conn.prepare_threshold = None
@@ -565,8 +564,7 @@ class Store:
         except (psycopg.Error, OSError) as exc:
             raise _translate(exc, _secret_forms(url), self.role, self._user) from exc
         try:
-            pid = (await Transaction(conn).rows("backend_pid"))[0]["pid"]
-            if conn.info.backend_pid != int(pid):
+            if await _through_pooler(conn):
                 name = "listen_database_url" if self.listen_url else "database_url"
                 raise ConfigError(
                     f"{name} goes through a connection pooler: LISTEN needs a direct connection to "
@@ -699,6 +697,13 @@ class Store:
         }
         row = (await self._rows("ops_purge_batch", params))[0]
         return int(row["updates"]), int(row["attempts"]), row["next_state"], row["next_from"]
+
+
+async def _through_pooler(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a pooler stands between this session and PostgreSQL: the process id PostgreSQL
+    gave the client (BackendKeyData) is not the backend's own (see :meth:`Store._connected`)."""
+    rows = await Transaction(conn).rows("backend_pid")
+    return conn.info.backend_pid != int(rows[0]["pid"])
 
 
 class HealthProbe:
