@@ -365,8 +365,8 @@ class Store:
 
     async def privileges(self, role: str, retention: bool) -> Privileges:
         """What the connected user lacks of what ``role`` (``outbox_relay``) is granted for the
-        daemon's work; ``retention`` adds ``outbox.purge_finished`` and ``outbox.drop_old_attempts``. Read from the catalogs by
-        object id, so a user without any privilege can ask too."""
+        daemon's work; ``retention`` adds ``outbox.purge_finished`` and ``outbox.drop_old_attempts``.
+        Read from the catalogs by object id, so a user without any privilege can ask too."""
         row = (await self._rows("privileges_relay", {"role": role, "retention": retention}))[0]
         return Privileges(
             user=str(row["usr"]),
