@@ -738,10 +738,15 @@ class Store:
         }
         return [dict(r) for r in await self._rows("ops_dead_retry", params)]
 
-    async def purge_count(self, older_than: float, include_dead: bool) -> tuple[int, int]:
-        """(updates, attempts) that a purge would delete now."""
+    async def purge_count(self, older_than: float, include_dead: bool) -> int:
+        """The updates a purge would delete now (through the partial indexes)."""
         rows = await self._rows("ops_purge_count", {"older_than": older_than, "include_dead": include_dead})
-        return int(rows[0]["updates"]), int(rows[0]["attempts"])
+        return int(rows[0]["updates"])
+
+    async def purge_partitions(self, older_than: float) -> list[tuple[str, int]]:
+        """The attempt partitions a purge would drop now, oldest first: (name, estimated rows)."""
+        rows = await self._rows("ops_purge_partitions", {"older_than": older_than})
+        return [(str(r["name"]), int(r["rows_estimate"])) for r in rows]
 
     async def purge_batch(
         self,
@@ -753,8 +758,9 @@ class Store:
     ) -> tuple[int, int, str | None, datetime | None]:
         """Delete, through ``outbox.purge_finished``, up to ``limit`` rows in ``state``
         (``delivered``, or ``dead`` with ``include_dead``) that finished more than ``older_than``
-        seconds ago, oldest first from ``start``, with their attempts, in one transaction,
-        skipping rows others hold. Returns (updates, attempts) deleted and where the next batch
+        seconds ago, oldest first from ``start``, in one transaction, skipping rows others hold
+        (their attempts go with their partition: :meth:`drop_old_attempts`; ``attempts`` is
+        always 0 since 0006). Returns (updates, attempts) deleted and where the next batch
         starts: its state (None when nothing is left) and its ``start``. PostgreSQL refuses an
         ``older_than`` under one hour."""
         if state not in ("delivered", "dead"):
