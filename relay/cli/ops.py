@@ -359,13 +359,15 @@ class ReportRow(TypedDict):
     """One figure of ``audit --from --to``: reports of ``status`` to ``target`` over the days;
     ``error_code`` None is every report of the status, else those carrying that error code.
     ``rolled``: every day of it was read from the rollup (``outbox.daily_reports``); false when
-    some day was counted live from the updates."""
+    some day was counted live from the updates (days the relay has not rolled up yet: today,
+    yesterday until an hour past midnight UTC), ``live_reports`` of them."""
 
     target: str
     status: str
     error_code: str | None
     reports: int
     rolled: bool
+    live_reports: int
 
 
 class Report(TypedDict):
@@ -386,6 +388,7 @@ async def delivery_report(store: Store, day_from: date, day_to: date, target: st
             error_code=r["error_code"],
             reports=int(r["reports"]),
             rolled=bool(r["rolled"]),
+            live_reports=int(r["live_reports"]),
         )
         for r in await store.delivery_report(day_from, day_to, target)
     ]
@@ -398,7 +401,17 @@ async def delivery_report(store: Store, day_from: date, day_to: date, target: st
     )
 
 
-REPORT_COLUMNS = ["target", "status", "error_code", "reports", "rolled"]
+REPORT_COLUMNS = list(
+    ReportRow.__annotations__
+)  # --csv: target, status, error_code, reports, rolled, live_reports
+
+
+def _rolled(row: ReportRow) -> str:
+    if row["rolled"]:
+        return "yes"
+    if row["live_reports"] >= row["reports"]:
+        return "no (counted live)"
+    return f"partly ({row['live_reports']} counted live)"
 
 
 def render_report(data: Report) -> str:
@@ -412,7 +425,7 @@ def render_report(data: Report) -> str:
             r["status"],
             "(all)" if r["error_code"] is None else report.clean(r["error_code"], 64),
             r["reports"],
-            "yes" if r["rolled"] else "no (live)",
+            _rolled(r),
         ]
         for r in data["rows"]
     ]

@@ -406,8 +406,9 @@ order by update_id, started_at, attempt, id
 -- What was reported between two UTC days (inclusive), per target, status and error code (null:
 -- every report of the status), from outbox.delivery_report: days the relay rolled up are read
 -- from outbox.daily_reports, only the others are counted from the updates. `rolled`: every day
--- of the figure came from the rollup.
-select target, status, error_code, sum(reports)::bigint as reports, bool_and(rolled) as rolled
+-- of the figure came from the rollup; `live_reports`: how many of its reports were counted live.
+select target, status, error_code, sum(reports)::bigint as reports, bool_and(rolled) as rolled,
+       coalesce(sum(reports) filter (where not rolled), 0)::bigint as live_reports
 from outbox.delivery_report
 where day between cast(:day_from as date) and cast(:day_to as date)
   and (cast(:target as text) is null or target = cast(:target as text))

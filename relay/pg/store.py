@@ -683,7 +683,8 @@ class Store:
     ) -> list[dict[str, Any]]:
         """Reports per target, status and error code over the UTC days ``day_from`` ..
         ``day_to`` (inclusive), from ``outbox.delivery_report``: ``target``, ``status``,
-        ``error_code`` (None: every report of the status), ``reports``, ``rolled``."""
+        ``error_code`` (None: every report of the status), ``reports``, ``rolled`` (every day of it
+        from the rollup), ``live_reports`` (counted live from the updates)."""
         params = {"day_from": day_from, "day_to": day_to, "target": target}
         return [dict(r) for r in await self._rows("ops_audit_report", params)]
 
