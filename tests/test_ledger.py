@@ -10,6 +10,7 @@ import random
 import threading
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -517,3 +518,82 @@ def test_dead_retry_by_code_finds_rows_recorded_without_last_error_code(db: psyc
         "select action_id from outbox.requeue_dead(0, 10, 'test', null, null, 'order_in_wrong_state')"
     ).fetchall()
     assert rows == [("old-relay",)]
+
+
+def test_a_relay_delivers_while_retention_drops_months_and_nothing_is_lost_or_doubled(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The relay makes the missing partitions at start, then delivers 1,500 rows while an
+    operator's retention drops six old months under it: every delivered row has exactly one
+    attempt row, none was applied twice, the rows retention must keep are all there."""
+    from relay.dev.sandbox.server import Sandbox, SandboxConfig
+    from tests.relaykit import (
+        relay_env,
+        relay_processes,
+        sample_updates,
+        seed_rows,
+        start_relay_process,
+        states,
+    )
+
+    with psycopg.connect(database_url, autocommit=True) as db:
+        now = db.execute("select now()").fetchone()[0]  # type: ignore[index]
+        ahead = _month(_add_months(now, 2))
+        db.execute(f"drop table outbox.{ahead}")
+        db.execute("select * from outbox.ensure_attempt_partitions(0, %s)", (now - timedelta(days=220),))
+        held = [
+            _update(db, f"held-{i}", state="dead", at=now - timedelta(days=40 + 30 * i), requests=3)
+            for i in range(6)
+        ]
+        kept = {uid: _attempts_of(db, uid) for uid in held}
+        for k in range(6):
+            db.execute(
+                "insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at, "
+                "duration_ms, outcome, relay_id) select -g, 'gone-' || g, 'default', 1, %s, 1, 'delivered', 'r' "
+                "from generate_series(1, 30000) g",
+                (now - timedelta(days=45 + 30 * k),),
+            )
+    updates = sample_updates(1500, prefix="live")
+    log = tmp_path / "relay.log"
+    with Sandbox(SandboxConfig(seed=5)) as sandbox, relay_processes() as procs:
+        procs.append(start_relay_process(relay_env(database_url, sandbox.url, RELAY_LOG_LEVEL="INFO"), log))
+
+        def partitions() -> set[str]:
+            with psycopg.connect(database_url) as db:
+                return {r[0] for r in db.execute("select name from outbox.attempt_partitions")}
+
+        assert wait_until(lambda: ahead in partitions(), 30), (
+            "the maintenance job made next months' partitions"
+        )
+        seed_rows(database_url, updates)
+        dropped: list[tuple[str, int, int]] = []
+
+        async def retention() -> None:
+            store = Store(Secret(database_url), pool_size=1)
+            try:
+                while states(database_url).get("delivered", 0) < 1500:
+                    dropped.extend((await cycle(store, 30 * DAY, False, 100)).partitions)
+                    await asyncio.sleep(0.05)
+            finally:
+                await store.close()
+
+        async def bounded() -> None:
+            await asyncio.wait_for(retention(), 120)
+
+        asyncio.run(bounded())
+        assert states(database_url) == {"delivered": 1500, "dead": 6}
+        applied_twice = sandbox.duplicates
+    assert applied_twice == 0
+    assert len([p for p, _, _ in dropped if p != "delivery_attempts_default"]) >= 6
+    with psycopg.connect(database_url) as db:
+        assert db.execute(
+            "select count(*), count(distinct update_id) from outbox.delivery_attempts where action_id like 'live-%%'"
+        ).fetchone() == (1500, 1500), "one attempt row per delivered row: none lost, none written twice"
+        for uid, rows in kept.items():
+            assert _attempts_of(db, uid) == rows
+        assert db.execute(
+            "select count(*) from outbox.delivery_attempts where action_id like 'gone-%%'"
+        ).fetchone() == (0,)
+    text = log.read_text()
+    assert "attempt partitions created" in text and ahead in text
+    assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
