@@ -96,6 +96,15 @@ comment on column outbox.action_status_updates.last_error_code is
 comment on column outbox.action_status_updates.requeued_by is
     'The database role (current_user) that last put this dead row back to pending; set by a trigger.';
 
+-- Vacuumed after 2% of its rows changed instead of 20%: retention's deletes are reclaimed (and
+-- the space reused) within about a day at 200,000 rows a day, and the visibility map stays fresh
+-- for the index-only counts of `status`.
+alter table outbox.action_status_updates set (
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02
+);
+
 -- What a relay claims: due rows per target. Finished rows are not in it, so the claim's
 -- cost does not grow with history.
 create index action_status_updates_claimable

@@ -455,6 +455,14 @@ select outbox.ensure_attempt_partitions(2);
 -- 6. The last error code on the update (set by the relay with each result), backfilled for dead
 -- rows; and dead retry's --code reads it. Last, so writers wait only for these short steps.
 alter table outbox.action_status_updates add column last_error_code text;
+-- Vacuumed after 2% of its rows changed instead of 20%: retention's deletes are reclaimed (and
+-- the space reused) within about a day at 200,000 rows a day, and the visibility map stays fresh
+-- for the index-only counts of `status`.
+alter table outbox.action_status_updates set (
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02
+);
 comment on column outbox.action_status_updates.last_error_code is
     'error_code of the last request recorded for this update (null: none, or recorded by a relay older than 0006).';
 update outbox.action_status_updates u
