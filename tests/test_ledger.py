@@ -597,3 +597,21 @@ def test_a_relay_delivers_while_retention_drops_months_and_nothing_is_lost_or_do
     text = log.read_text()
     assert "attempt partitions created" in text and ahead in text
     assert " ERROR " not in text and "Traceback" not in text, text[-2000:]
+
+
+def test_two_relays_making_partitions_at_once_make_each_once(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as db:
+        now = db.execute("select now()").fetchone()[0]  # type: ignore[index]
+        for k in (1, 2):
+            db.execute(f"drop table outbox.{_month(_add_months(now, k))}")
+
+    async def both() -> list[list[str]]:
+        stores = [Store(Secret(database_url), pool_size=1) for _ in range(2)]
+        try:
+            return list(await asyncio.gather(*(s.ensure_partitions(6) for s in stores)))
+        finally:
+            for s in stores:
+                await s.close()
+
+    made = [name for names in asyncio.run(both()) for name in names]
+    assert sorted(made) == [_month(_add_months(now, k)) for k in range(1, 7)]

@@ -151,6 +151,7 @@ begin
         raise exception using errcode = 'invalid_parameter_value',
             message = format('months_ahead must be between 0 and 24, not %s', coalesce(months_ahead::text, 'null'));
     end if;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     month := date_trunc('month', least(coalesce(from_time, now()), now()) at time zone 'UTC');
     last_month := date_trunc('month', now() at time zone 'UTC') + make_interval(months => months_ahead);
     if month < last_month - interval '25 years' then
@@ -206,6 +207,7 @@ begin
                              coalesce(older_than::text, 'null'));
     end if;
     cutoff := now() - older_than;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     select p.name into doomed
     from outbox.attempt_partitions p
     where not p.is_default and p.to_time <= cutoff
