@@ -207,7 +207,7 @@ with r as (
                 cast(:a_response_body as text[]), cast(:a_reached_api as text[]))
          as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
               error_code, error_message, response_body, reached_api)
-    -- no attempt row for a row it does not hold: the foreign key would refuse the whole batch
+    -- no attempt row for a row it does not hold (it would be an orphan, or another action's)
     where not exists (select 1 from gone g where g.id = a.update_id and coalesce(g.action_id, a.action_id) = a.action_id)
     returning 1
 )
