@@ -1,12 +1,15 @@
 """Operator and auditor commands: ``status``, ``audit``, ``dead list|retry``, ``purge``, ``check``.
 
 Each command opens one small pool (:mod:`relay.cli.database`), runs a few named queries
-(``queries.sql``), prints an aligned table (or ``--json``) and closes it. Their options are in
-:mod:`relay.cli.commands`. Errors are :mod:`relay.errors` exceptions; the command line prints
-them as one line. :func:`purge` is also what the daemon's retention job runs.
+(``queries.sql``), prints an aligned table (or ``--json``, or for ``audit`` ``--csv``) and closes
+it. Their options are in :mod:`relay.cli.commands`. Errors are :mod:`relay.errors` exceptions;
+the command line prints them as one line. ``purge`` runs :mod:`relay.core.retention`, as the
+daemon's retention job does.
 
 What the commands return has a fixed shape (:class:`Status`, :class:`AuditEntry`,
-:class:`DeadLetter`): ``--json`` prints exactly those keys, in that order.
+:class:`Report`, :class:`DeadLetter`): ``--json`` prints exactly those keys, in that order.
+None of them scans a whole table: they read through the partial indexes, the report rollup and
+the attempt partitions' catalog.
 """
 
 from __future__ import annotations
