@@ -169,6 +169,7 @@ def test_status_json_matches_the_database(database_url: str, seeded: dict[tuple[
     assert list(targets) == ["default", "eu"]
     d, eu = targets["default"], targets["eu"]
     assert (d["pending"], d["in_flight"], d["delivered"], d["dead"]) == (1, 1, 6, 3)
+    assert d["delivered_exact"] is True and eu["delivered_exact"] is True  # few rows: counted
     assert (eu["pending"], eu["in_flight"], eu["delivered"], eu["dead"]) == (1, 0, 1, 1)
     assert (d["delivered_last_hour"], d["dead_last_hour"]) == (2, 1)
     assert (eu["delivered_last_hour"], eu["dead_last_hour"]) == (0, 1)

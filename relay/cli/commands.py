@@ -90,7 +90,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         "deliveries and dead letters in the last hour; the relays serving it (heartbeat in the last\n"
         "2 minutes) and whether one paused it, since when and why. Also the schema version.\n"
         "Read through indexes, never by scanning the table: every figure is exact except a target's\n"
-        "delivered total past 100,000 rows, the planner's estimate, shown ~12,345,678 (--json:\n"
+        "delivered total past 10,000 rows, the planner's estimate, shown ~12,345,678 (--json:\n"
         "delivered_exact false).\n\n"
         "examples:\n  outbox-relay status\n"
         "  outbox-relay status --json | jq '.targets[] | select(.paused or .served_by == [])'",

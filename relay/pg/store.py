@@ -610,14 +610,16 @@ class Store:
         rows = await self._rows("ops_server_version")
         return str(rows[0]["version"]).split()[0]
 
-    async def status_targets(self, exact_below: int = 100_000) -> list[dict[str, Any]]:
+    async def status_targets(self, exact_below: int = 10_000) -> list[dict[str, Any]]:
         """Per target: rows per state, oldest pending age, deliveries and dead letters in the last
         hour, without scanning the table (its cost does not grow with history).
 
         Exact, through the partial indexes: ``pending``, ``in_flight``, ``dead``,
         ``oldest_pending_seconds``, ``delivered_last_hour``, ``dead_last_hour``. ``delivered`` is
         the planner's estimate (``delivered_exact`` false) unless that estimate is under
-        ``exact_below``: then the target's delivered rows are counted (``delivered_exact`` true)."""
+        ``exact_below``: then the target's delivered rows are counted (``delivered_exact`` true).
+        Counting visits about one table page per row (33 ms for 10,000 rows of a target holding
+        5% of a 5-million-row table), hence the low bound; the estimate scales with the table."""
         async with self._tx() as tx:
             found: dict[str, dict[str, Any]] = {}
 
