@@ -380,7 +380,7 @@ class Report(TypedDict):
     day_to: date
     target: str | None
     rows: list[ReportRow]
-    totals: dict[str, int]  # reports per status, every target
+    totals: dict[str, int]  # reports per status, all targets (or the one asked for)
 
 
 async def delivery_report(store: Store, day_from: date, day_to: date, target: str | None = None) -> Report:
@@ -404,9 +404,8 @@ async def delivery_report(store: Store, day_from: date, day_to: date, target: st
     )
 
 
-REPORT_COLUMNS = list(
-    ReportRow.__annotations__
-)  # --csv: target, status, error_code, reports, rolled, live_reports
+# --csv: target, status, error_code, reports, rolled, live_reports
+REPORT_COLUMNS = list(ReportRow.__annotations__)
 
 
 def _rolled(row: ReportRow) -> str:
@@ -419,7 +418,7 @@ def _rolled(row: ReportRow) -> str:
 
 def render_report(data: Report) -> str:
     span = f"{data['day_from']} to {data['day_to']} (UTC days, inclusive)"
-    where = f" for target {data['target']}" if data["target"] else ""
+    where = f" for target {report.clean(data['target'])}" if data["target"] else ""
     if not data["rows"]:
         return f"no reports from {span}{where}"
     rows = [
