@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import threading
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
@@ -615,3 +616,42 @@ def test_two_relays_making_partitions_at_once_make_each_once(database_url: str) 
 
     made = [name for names in asyncio.run(both()) for name in names]
     assert sorted(made) == [_month(_add_months(now, k)) for k in range(1, 7)]
+
+
+def test_the_big_table_procedure_lets_the_migration_skip_its_index_build(empty_database_url: str) -> None:
+    """README "Upgrading to 0006": the column and the index made beforehand (CONCURRENTLY) are
+    kept by the migration, which builds nothing; an index a failed concurrent build left (invalid)
+    is dropped and built again."""
+    from tests.test_readme import section
+
+    upgrading = section("Upgrading").split("### Upgrading to 0006: the partitioned ledger", 1)[1]
+    block = re.search(r"```sql\n(.*?)```", upgrading, re.DOTALL)
+    assert block and "concurrently" in block.group(1)
+    for invalid in (False, True):
+        url = empty_database_url
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("drop schema if exists outbox cascade")
+        _migrate_to(url, 5)
+        with psycopg.connect(url, autocommit=True) as db:
+            now = db.execute("select now()").fetchone()[0]  # type: ignore[index]
+            _update(db, "dead-before", state="dead", at=now - timedelta(days=3), requests=2)
+            for statement in block.group(1).split(";"):
+                if statement.strip():
+                    db.execute(statement)  # type: ignore[call-overload]
+            made = db.execute("select to_regclass('outbox.action_status_updates_dead')::oid").fetchone()[0]  # type: ignore[index]
+            if invalid:
+                db.execute("update pg_index set indisvalid = false where indexrelid = %s", (made,))
+        result = cli("migrate", env={"RELAY_DATABASE_URL": url})
+        assert result.returncode == 0, result.stderr
+        with psycopg.connect(url) as db:
+            now_oid, valid = db.execute(
+                "select indexrelid, indisvalid from pg_index "
+                "where indexrelid = to_regclass('outbox.action_status_updates_dead')"
+            ).fetchone()  # type: ignore[misc]
+            assert valid and (now_oid != made) == invalid
+            assert db.execute("select to_regclass('outbox.action_status_updates_dead_at')").fetchone() == (
+                None,
+            )
+            assert db.execute(
+                "select last_error_code from outbox.action_status_updates where action_id = 'dead-before'"
+            ).fetchone() == ("ORDER_IN_WRONG_STATE",)

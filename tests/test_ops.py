@@ -443,7 +443,7 @@ def test_dead_list_reads_the_error_code_kept_on_the_update(database_url: str, db
     assert row is not None
     nodes = list(plan_nodes(row[0][0]["Plan"]))
     updates = [n for n in nodes if n.get("Relation Name") == "action_status_updates"]
-    assert [n.get("Index Name") for n in updates] == ["action_status_updates_dead_at"], updates
+    assert [n.get("Index Name") for n in updates] == ["action_status_updates_dead"], updates
     subplans = [n for n in nodes if n.get("Parent Relationship") == "SubPlan"]
     assert subplans and all(n["Actual Loops"] == 1 for n in subplans), subplans
 

@@ -48,11 +48,18 @@ class Retained:
 async def maintain(store: Store, months_ahead: int = MONTHS_AHEAD) -> Maintained:
     """Create the coming months' attempt partitions, then count every ended day not counted yet."""
     done = Maintained(partitions=await store.ensure_partitions(months_ahead))
+    done.days = await rollup(store)
+    return done
+
+
+async def rollup(store: Store) -> int:
+    """Count every ended day not counted yet, :data:`ROLLUP_DAYS` per transaction; returns how many."""
+    counted = 0
     while True:
         days = await store.rollup_reports(ROLLUP_DAYS)
-        done.days += len(days)
+        counted += len(days)
         if len(days) < ROLLUP_DAYS:
-            return done
+            return counted
 
 
 async def purge(
@@ -110,7 +117,10 @@ async def cycle(
     progress: Progress | None = None,
     dropped: Dropped | None = None,
 ) -> Retained:
-    """One retention cycle: :func:`purge` the updates, then :func:`drop_attempts` (in that
-    order: the updates deleted are what makes their attempt rows droppable)."""
+    """One retention cycle: every ended day counted into the rollup, :func:`purge` the updates,
+    then :func:`drop_attempts`. In that order: a delivered row is purged once its day is counted,
+    and the updates deleted are what makes their attempt rows droppable (the attempts of an update
+    still there are kept, copied out of a dropped month)."""
+    await rollup(store)
     updates = await purge(store, older_than, include_dead, batch_size, progress=progress)
     return Retained(updates, await drop_attempts(store, older_than, dropped=dropped))

@@ -326,14 +326,14 @@ where state in ('pending', 'in_flight')
 group by target
 
 -- ops_status_dead_total --
--- Dead rows in all: an index-only scan of the dead_at partial index.
+-- Dead rows in all: an index-only scan of action_status_updates_dead (partial: dead rows only).
 select count(*) as dead
 from outbox.action_status_updates
 where state = 'dead'
 
 -- ops_status_dead --
--- Dead rows per target: the dead_at partial index, reading each dead row's target from the table
--- (so it costs one heap visit per dead row; status runs it only when there are several targets).
+-- Dead rows per target: an index-only scan of action_status_updates_dead, which carries the target
+-- (0006; status runs it only when there are several targets).
 select target, count(*) as dead
 from outbox.action_status_updates
 where state = 'dead'
@@ -341,7 +341,7 @@ group by target
 
 -- ops_status_last_hour --
 -- Deliveries and dead letters of the last hour per target: range scans of the delivered_at and
--- dead_at partial indexes.
+-- dead partial indexes.
 select target, sum(delivered)::bigint as delivered_last_hour, sum(dead)::bigint as dead_last_hour
 from (
     select target, 1 as delivered, 0 as dead

@@ -4,10 +4,13 @@
 --
 -- The 0.1.0 table is not copied: it becomes one partition (delivery_attempts_legacy, from the
 -- beginning of time to the first day of next month), attached after one scan that checks its
--- rows. Only the relay's statements on delivery_attempts wait for this migration; writers
--- (inserts into action_status_updates) wait only for the short steps at the end.
+-- rows. The relay's statements on delivery_attempts wait for the whole migration; writers
+-- (inserts into action_status_updates) only for the steps of part 6, at the end: the new dead-row
+-- index is built there unless it was made beforehand with CREATE INDEX CONCURRENTLY (README
+-- "Upgrading" gives the two statements, for big tables).
 
--- 1. The 0.1.0 table steps aside, without its foreign key, trigger and identity.
+-- 1. The 0.1.0 table steps aside, without its trigger and identity (its foreign key goes in part 6:
+-- dropping it locks action_status_updates).
 lock table outbox.delivery_attempts in access exclusive mode;
 create temporary table migration_0006_ids on commit drop as
 select greatest(coalesce((select max(id) from outbox.delivery_attempts), 0),
@@ -16,7 +19,6 @@ select greatest(coalesce((select max(id) from outbox.delivery_attempts), 0),
 alter table outbox.delivery_attempts rename to delivery_attempts_legacy;
 alter table outbox.delivery_attempts_legacy rename constraint delivery_attempts_pkey to delivery_attempts_legacy_pkey;
 alter index outbox.delivery_attempts_update_id rename to delivery_attempts_legacy_update_id;
-alter table outbox.delivery_attempts_legacy drop constraint delivery_attempts_update_id_fkey;
 alter table outbox.delivery_attempts_legacy alter column id drop identity;
 drop trigger delivery_attempts_append_only on outbox.delivery_attempts_legacy;
 do $$
@@ -454,9 +456,17 @@ revoke execute on function outbox.rollup_reports(integer) from public;
 
 select outbox.ensure_attempt_partitions(2);
 
--- 6. The last error code on the update (set by the relay with each result), backfilled for dead
--- rows; and dead retry's --code reads it. Last, so writers wait only for these short steps.
-alter table outbox.action_status_updates add column last_error_code text;
+-- 6. What locks action_status_updates, last, so writers wait only for these steps: the 0.1.0
+-- table's foreign key dropped; the last error code on the update (set by the relay with each
+-- result, backfilled for dead rows; dead retry's --code reads it); the dead rows' index with what
+-- status and dead list read, so they need not visit the table.
+do $$
+begin
+    if to_regclass('outbox.delivery_attempts_legacy') is not null then
+        alter table outbox.delivery_attempts_legacy drop constraint delivery_attempts_update_id_fkey;
+    end if;
+end $$;
+alter table outbox.action_status_updates add column if not exists last_error_code text;
 -- Vacuumed after 2% of its rows changed instead of 20%: retention's deletes are reclaimed (and
 -- the space reused) within about a day at 200,000 rows a day, and the visibility map stays fresh
 -- for the index-only counts of `status`.
@@ -471,6 +481,17 @@ update outbox.action_status_updates u
 set last_error_code = (select d.error_code from outbox.delivery_attempts d
                        where d.update_id = u.id order by d.attempt desc, d.id desc limit 1)
 where u.state = 'dead';
+
+do $$
+begin
+    if exists (select 1 from pg_index i where i.indexrelid = to_regclass('outbox.action_status_updates_dead')
+               and not i.indisvalid) then
+        drop index outbox.action_status_updates_dead;  -- a CREATE INDEX CONCURRENTLY that failed
+    end if;
+end $$;
+create index if not exists action_status_updates_dead
+    on outbox.action_status_updates (dead_at) include (target, last_error_code, id) where state = 'dead';
+drop index outbox.action_status_updates_dead_at;
 
 create or replace view outbox.delivery_audit as
 select u.id,
