@@ -610,6 +610,8 @@ select c.table_name, t.table_type, c.column_name, c.data_type, c.is_nullable
 from information_schema.columns c
 join information_schema.tables t using (table_schema, table_name)
 where c.table_schema = 'outbox'
+  and not exists (select 1 from pg_class p join pg_namespace n on n.oid = p.relnamespace
+                  where n.nspname = 'outbox' and p.relname = c.table_name and p.relispartition)
 order by c.table_name, c.ordinal_position
 """
 
@@ -626,8 +628,12 @@ from pg_constraint con
 join pg_class cl on cl.oid = con.conrelid
 join pg_namespace ns on ns.oid = cl.relnamespace
 left join pg_class ref on ref.oid = con.confrelid
-where ns.nspname = 'outbox' and con.contype in ('p', 'f')
+where ns.nspname = 'outbox' and con.contype in ('p', 'f') and not cl.relispartition
 """
+
+# Joins SQLAlchemy knows that the database does not enforce: attempt rows outlive their update
+# until their partition is dropped (migration 0006).
+_LOGICAL_KEYS = {"delivery_attempts": {("f", ("update_id",), "action_status_updates", ("id",))}}
 
 
 def _pg_type(column: Any) -> str:
@@ -661,7 +667,7 @@ def test_relay_tables_match_the_migrated_schema(db: psycopg.Connection) -> None:
         }
         if table.primary_key.columns:
             mine_keys.add(("p", tuple(c.name for c in table.primary_key.columns), None, ()))
-        assert mine_keys == keys[name], name
+        assert mine_keys == keys[name] | _LOGICAL_KEYS.get(name, set()), name
 
 
 # -- import relay stays cheap ---------------------------------------------------------------------

@@ -59,7 +59,7 @@ with ns as (
 ), on_columns (rel, priv, col) as (
     select 'action_status_updates', 'UPDATE', unnest(array[
         'state', 'attempts', 'next_attempt_at', 'delivered_at', 'dead_at', 'last_error', 'last_http_status',
-        'requests', 'outcome_unknown', 'claim_token', 'claimed_by', 'sending_at'])
+        'requests', 'outcome_unknown', 'claim_token', 'claimed_by', 'sending_at', 'last_error_code'])
     union all
     select 'delivery_attempts', 'INSERT', unnest(array[
         'update_id', 'action_id', 'target', 'attempt', 'started_at', 'duration_ms', 'http_status', 'outcome',
@@ -81,11 +81,17 @@ with ns as (
     where not has_column_privilege(c.oid, a.attnum, w.priv)
     group by w.rel, w.priv
     union all
-    select 'execute on outbox.purge_finished'
+    select 'execute on outbox.' || p.proname
     from pg_catalog.pg_proc p
     join ns on p.pronamespace = ns.oid
-    where p.proname = 'purge_finished' and cast(:retention as boolean)
+    where (p.proname in ('ensure_attempt_partitions', 'rollup_reports')
+           or (p.proname in ('purge_finished', 'drop_old_attempts') and cast(:retention as boolean)))
       and not has_function_privilege(p.oid, 'EXECUTE')
+    union all
+    select 'usage on sequence outbox.' || c.relname
+    from pg_catalog.pg_class c
+    join ns on c.relnamespace = ns.oid
+    where c.relname = 'delivery_attempts_id_seq' and not has_sequence_privilege(c.oid, 'USAGE')
 )
 select current_user as usr,
        exists (select 1 from pg_catalog.pg_class c join ns on c.relnamespace = ns.oid
@@ -156,8 +162,8 @@ with r as (
     from unnest(cast(:ids as bigint[]), cast(:tokens as uuid[]), cast(:states as text[]),
                 cast(:retry_at as timestamptz[]), cast(:charged as integer[]),
                 cast(:requests as integer[]), cast(:unknown as boolean[]),
-                cast(:http_status as integer[]), cast(:last_error as text[]))
-         as r(id, token, state, retry_at, charged, requests, unknown, http_status, last_error)
+                cast(:http_status as integer[]), cast(:last_error as text[]), cast(:last_error_code as text[]))
+         as r(id, token, state, retry_at, charged, requests, unknown, http_status, last_error, last_error_code)
 ), gone as (
     -- Rows this database does not hold: deleted, or lost with a primary that failed over (whose
     -- ids the promoted standby's sequence may hand out again, to other actions).
@@ -179,6 +185,7 @@ with r as (
         dead_at = case when r.state = 'dead' then now() end,
         last_http_status = case when r.requests > 0 then r.http_status else u.last_http_status end,
         last_error = case when r.requests > 0 then r.last_error else u.last_error end,
+        last_error_code = case when r.requests > 0 then r.last_error_code else u.last_error_code end,
         claim_token = null,
         claimed_by = null,
         sending_at = null
@@ -271,6 +278,22 @@ select target, count(*) as released from released group by target order by targe
 
 -- notify_relays --
 select pg_notify('outbox_action_status', '')
+
+-- ==== maintenance (relay/core/retention.py): partitions, the report rollup, retention ==== --
+
+-- ledger_partitions_ensure --
+-- The monthly partitions of delivery_attempts up to :months_ahead months ahead (SECURITY DEFINER).
+select name from outbox.ensure_attempt_partitions(cast(:months_ahead as integer)) as name
+
+-- ledger_rollup --
+-- Counts the delivered updates of up to :max_days ended UTC days not counted yet (SECURITY DEFINER).
+select day, reports from outbox.rollup_reports(cast(:max_days as integer))
+
+-- ledger_drop_attempts --
+-- One step of attempt retention: the oldest partition that ended more than :older_than seconds
+-- ago, detached and dropped, the rows of updates that still exist kept; no row: nothing left.
+select partition_name, attempts, kept
+from outbox.drop_old_attempts(make_interval(secs => cast(:older_than as double precision)))
 
 -- ==== operators (relay/cli/ops.py) and metrics: status, audit, dead letters, retention ==== --
 

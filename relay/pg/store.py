@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from functools import cache, cached_property
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -365,8 +365,8 @@ class Store:
 
     async def privileges(self, role: str, retention: bool) -> Privileges:
         """What the connected user lacks of what ``role`` (``outbox_relay``) is granted for the
-        daemon's work; ``retention`` adds ``outbox.purge_finished``. Read from the catalogs by
-        object id, so a user without any privilege can ask too."""
+        daemon's work; ``retention`` adds ``outbox.purge_finished`` and ``outbox.drop_old_attempts``.
+        Read from the catalogs by object id, so a user without any privilege can ask too."""
         row = (await self._rows("privileges_relay", {"role": role, "retention": retention}))[0]
         return Privileges(
             user=str(row["usr"]),
@@ -402,6 +402,26 @@ class Store:
 
     async def notify_relays(self) -> None:
         await self._rows("notify_relays")
+
+    # -- maintenance (relay/core/retention.py) -----------------------------------------------
+    async def ensure_partitions(self, months_ahead: int) -> list[str]:
+        """Create the monthly partitions of ``delivery_attempts`` up to ``months_ahead`` months
+        ahead; returns the names created (none when they all exist)."""
+        rows = await self._rows("ledger_partitions_ensure", {"months_ahead": months_ahead})
+        return [str(r["name"]) for r in rows]
+
+    async def rollup_reports(self, max_days: int) -> list[tuple[date, int]]:
+        """Count up to ``max_days`` ended UTC days into ``outbox.daily_reports``: (day, reports)."""
+        rows = await self._rows("ledger_rollup", {"max_days": max_days})
+        return [(r["day"], int(r["reports"])) for r in rows]
+
+    async def drop_old_attempts(self, older_than: float) -> tuple[str, int, int] | None:
+        """One step of attempt retention (``outbox.drop_old_attempts``): (partition, attempt rows
+        dropped, rows kept because their update still exists), or None when nothing is left."""
+        rows = await self._rows("ledger_drop_attempts", {"older_than": older_than})
+        if not rows:
+            return None
+        return str(rows[0]["partition_name"]), int(rows[0]["attempts"]), int(rows[0]["kept"])
 
     # -- the relay -------------------------------------------------------------------------
     async def claim(
@@ -463,6 +483,9 @@ class Store:
     async def _record(
         self, results: Sequence[RowResult], attempts: Sequence[AttemptRecord], relay_id: str
     ) -> Recorded:
+        last_codes: dict[int, str | None] = {}  # each result's last request's error code
+        for a in sorted(attempts, key=lambda a: a.attempt):
+            last_codes[a.update_id] = a.error_code
         params: dict[str, Any] = {
             "relay_id": relay_id,
             "ids": [r.id for r in results],
@@ -475,6 +498,7 @@ class Store:
             "unknown": [r.unknown for r in results],
             "http_status": [r.http_status for r in results],
             "last_error": [r.last_error for r in results],
+            "last_error_code": [last_codes.get(r.id) for r in results],
             "a_update_id": [a.update_id for a in attempts],
             "a_token": [a.claim_token for a in attempts],
             "a_action_id": [a.action_id for a in attempts],

@@ -27,6 +27,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Double,
     ForeignKey,
@@ -40,11 +41,15 @@ from sqlalchemy.dialects.postgresql import INTERVAL, JSONB
 
 __all__ = [
     "action_status_updates",
+    "attempt_partitions",
+    "daily_reports",
     "delivery_attempts",
     "delivery_audit",
+    "delivery_report",
     "error_codes",
     "metadata",
     "relay_targets",
+    "report_days",
     "requeues",
     "schema_migrations",
 ]
@@ -81,13 +86,17 @@ action_status_updates = Table(
     Column("requeue_reason", Text),
     Column("sending_at", _timestamptz()),
     Column("requeued_by", Text),
+    Column("last_error_code", Text),
 )
 
-# One row per HTTP request made, append-only.
+# One row per HTTP request made, append-only; partitioned by month of started_at (its partitions
+# are not listed here: query this table). Since migration 0006 it has no primary key (ids come
+# from one sequence) and no foreign key in the database: an attempt row outlives its update until
+# its partition is dropped. The ForeignKey below only tells SQLAlchemy how the two join.
 delivery_attempts = Table(
     "delivery_attempts",
     metadata,
-    Column("id", BigInteger, primary_key=True),
+    Column("id", BigInteger, nullable=False),
     Column("update_id", BigInteger, ForeignKey(action_status_updates.c.id), nullable=False),
     Column("action_id", Text, nullable=False),
     Column("target", Text, nullable=False),
@@ -125,6 +134,51 @@ delivery_audit = Table(
     Column("requeued_at", _timestamptz()),
     Column("requeue_reason", Text),
     Column("requeued_by", Text),
+    Column("last_error_code", Text),
+)
+
+# A view: the partitions of delivery_attempts, oldest first.
+attempt_partitions = Table(
+    "attempt_partitions",
+    metadata,
+    Column("name", Text),
+    Column("from_time", _timestamptz()),
+    Column("to_time", _timestamptz()),
+    Column("is_default", Boolean),
+    Column("rows_estimate", BigInteger),
+    Column("bytes", BigInteger),
+)
+
+# Delivered updates per UTC day, target, status and error code, kept after retention.
+daily_reports = Table(
+    "daily_reports",
+    metadata,
+    Column("day", Date, primary_key=True),
+    Column("target", Text, primary_key=True),
+    Column("status", Text, primary_key=True),
+    Column("error_code", Text, primary_key=True),
+    Column("reports", BigInteger, nullable=False),
+)
+
+# The UTC days counted in daily_reports.
+report_days = Table(
+    "report_days",
+    metadata,
+    Column("day", Date, primary_key=True),
+    Column("rolled_at", _timestamptz(), nullable=False),
+    Column("reports", BigInteger, nullable=False),
+)
+
+# A view: what was reported per UTC day, target, status and error code (null: every report).
+delivery_report = Table(
+    "delivery_report",
+    metadata,
+    Column("day", Date),
+    Column("target", Text),
+    Column("status", Text),
+    Column("error_code", Text),
+    Column("reports", BigInteger),
+    Column("rolled", Boolean),
 )
 
 # Accepted errors[].code values.

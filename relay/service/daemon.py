@@ -44,6 +44,7 @@ HEARTBEAT_SECONDS = 10.0
 # How often (seconds) the journal gets a ``progress`` line, when something was delivered or
 # dead-lettered since the last one.
 PROGRESS_SECONDS = 60.0
+MAINTENANCE_SECONDS = 3600.0  # attempt partitions made ahead and ended days counted, at start and hourly
 # What a drain may go without progress on top of the lease: a slow database write (stall_after).
 STALL_SLACK = 30.0
 # A target paused this long (seconds) is logged again: at 5 min, 15 min, 1 h, then every hour.
@@ -533,7 +534,7 @@ class Relay:
 
     def add_jobs(self) -> None:
         """The scheduler's jobs: drain (the fallback to LISTEN), heartbeat, share (the other
-        relays), progress, retention.
+        relays), progress, maintenance (partitions, report rollup), retention.
 
         Each runs however late it comes (``misfire_grace_time=None``) and late runs coalesce
         into one: a slow start or a busy event loop delays a job, never skips it, and APScheduler
@@ -563,24 +564,61 @@ class Relay:
         self.scheduler.add_job(
             self.progress, "interval", seconds=self.progress_every, id="progress", **timely
         )
+        self._add_maintenance_job(now)
         self._add_retention_job()
 
     def _heartbeat_seconds(self) -> float:
         interval = self.notifier.watchdog_interval()
         return min(HEARTBEAT_SECONDS, interval) if interval else HEARTBEAT_SECONDS
 
+    async def maintain(self) -> None:
+        """The maintenance job: next months' attempt partitions, and ended days counted into the
+        report rollup (relay/core/retention.py). A failure is logged and tried again next hour:
+        rows still land (in the default partition) without it."""
+        from relay.core.retention import maintain
+
+        try:
+            done = await maintain(self.store)
+        except RelayError as exc:
+            log.error("maintenance failed", extra={"error": str(exc)})
+            return
+        if done.partitions:
+            log.info("attempt partitions created", extra={"partitions": ",".join(done.partitions)})
+        if done.days:
+            log.info("report days counted", extra={"days": done.days})
+
+    def _add_maintenance_job(self, now: datetime) -> None:
+        self.scheduler.add_job(
+            self.maintain,
+            "interval",
+            seconds=MAINTENANCE_SECONDS,
+            id="maintenance",
+            next_run_time=now,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
     def _add_retention_job(self) -> None:
         if self.settings.retention is None:
             return
-        from relay.core.retention import purge as purge_finished
+        from relay.core.retention import cycle
 
         async def purge() -> None:
             try:
                 assert self.settings.retention is not None
-                removed = await purge_finished(
+                done = await cycle(
                     self.store, self.settings.retention, self.settings.retention_include_dead, 1000
                 )
-                log.info("retention purge done", extra={"rows": removed})
+                log.info(
+                    "retention purge done",
+                    extra={
+                        "rows": done.updates,
+                        "partitions_dropped": ",".join(p for p, _, _ in done.partitions) or "-",
+                        "attempts_dropped": done.attempts,
+                        "attempts_kept": sum(kept for _, _, kept in done.partitions),
+                    },
+                )
             except RelayError as exc:
                 log.error("retention purge failed", extra={"error": str(exc)})
 
