@@ -1217,7 +1217,8 @@ def main() -> int:
         "--scale-upgrade-attempts",
         type=int,
         default=scale.SIZES["upgrade_attempts"],
-        help="scale step: attempt rows of the 0005 database upgraded by `migrate` (default %(default)s; 0: skip)",
+        help="scale step: attempt rows of the 0005 database that `migrate` upgrades "
+        "(default %(default)s; 0: skip)",
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (relay logs, raw data)")
     parser.add_argument("--out", default=str(bl.RESULTS), help="directory for latest.json and latest.md")

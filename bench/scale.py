@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import os
 import re
 import statistics
@@ -58,6 +59,11 @@ DEAD_CODES = [
     ("UNAVAILABLE", 503, "503 Service Unavailable: retries exhausted"),
     ("INVALID_INPUT", 400, "400 Bad Request: INVALID_INPUT: the request body was refused"),
 ]
+
+COUNTS = (
+    "select (select count(*) from outbox.action_status_updates),"
+    + " (select count(*) from outbox.delivery_attempts)"
+)
 
 # -- the generator ----------------------------------------------------------------------------
 # Row g (0-based) of the history, everything derived from g: id g + 1; created at t0 + g * span / n
@@ -200,7 +206,8 @@ def _secondary_indexes(conn: Any, table: str) -> tuple[list[str], list[str]]:
             continue
         if constraint:
             cdef = conn.execute(
-                "select pg_get_constraintdef(oid) from pg_constraint where conname = %s and conrelid = %s::regclass",
+                "select pg_get_constraintdef(oid) from pg_constraint"
+                " where conname = %s and conrelid = %s::regclass",
                 (constraint, f"outbox.{table}"),
             ).fetchone()[0]
             drops.append(f"alter table outbox.{table} drop constraint {constraint}")
@@ -257,7 +264,8 @@ def load_history(url: str, plan: Plan, label: str) -> dict[str, Any]:
             hi = min(plan.updates, lo + BATCH) - 1
             conn.execute(attempts_sql, plan.params(lo, hi))
             say(
-                f"  {label}: attempts of {hi + 1:,}/{plan.updates:,} updates ({time.monotonic() - started:.0f}s)"
+                f"  {label}: attempts of {hi + 1:,}/{plan.updates:,} updates "
+                f"({time.monotonic() - started:.0f}s)"
             )
         out["attempts_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
@@ -405,7 +413,7 @@ def compare_command(
 ) -> dict[str, Any]:
     """The command on each database, interleaved, ``REPEAT`` times (after one warm-up each)."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    for name, url in urls.items():
+    for url in urls.values():
         run_command(args, url, None)  # warm-up: page cache, byte-compiled modules
     ctx.quiet()
     window = bl.CpuWindow()
@@ -438,7 +446,8 @@ def compare_command(
     out["steal_cores"] = usage["steal_cores"]
     say(
         f"  {out['command']}: {out['big']['wall_s']} s (queries {out['big']['queries_ms']} ms) vs empty "
-        f"{out['empty']['wall_s']} s ({out['empty']['queries_ms']} ms); other load {usage['other_cores']} cores"
+        f"{out['empty']['wall_s']} s ({out['empty']['queries_ms']} ms); "
+        f"other load {usage['other_cores']} cores"
     )
     return out
 
@@ -471,7 +480,8 @@ def compare_query(ctx: Any, sql: str, params: Any, urls: dict[str, str]) -> dict
             }
         out["explain_big"] = [r[0] for r in plan]
         say(
-            f"  query {out['query'][:70]}: {out['big']['median_ms']} ms vs empty {out['empty']['median_ms']} ms"
+            f"  query {out['query'][:70]}: {out['big']['median_ms']} ms "
+            f"vs empty {out['empty']['median_ms']} ms"
         )
         return out
     finally:
@@ -611,7 +621,8 @@ class Watch:
         self._paced(
             conn,
             "writer",
-            "insert into outbox.action_status_updates (action_id, status, target) values (%s, 'SUCCESS', 'default')",
+            "insert into outbox.action_status_updates (action_id, status, target)"
+            " values (%s, 'SUCCESS', 'default')",
             lambda n: (f"watch-{tag}-{n}",),
         )
 
@@ -621,7 +632,8 @@ class Watch:
             "probe",
             "insert into outbox.delivery_attempts (update_id, action_id, target, attempt, started_at,"
             " duration_ms, http_status, outcome, relay_id, reached_api)"
-            " values (%s, 'watch-probe', 'default', %s, now(), 30.0, 503, 'retry', 'scale-probe', 'answered')",
+            " values (%s, 'watch-probe', 'default', %s, now(), 30.0, 503, 'retry', 'scale-probe',"
+            " 'answered')",
             lambda n: (self.probe_update_id, n + 1),
         )
 
@@ -656,7 +668,7 @@ class Watch:
         locks = []
         for (rel, mode, granted), seen in self.locks.items():
             longest = run = LOCK_SAMPLE
-            for a, b in zip(seen, seen[1:]):
+            for a, b in itertools.pairwise(seen):
                 run = run + (b - a) if b - a < 4 * LOCK_SAMPLE else LOCK_SAMPLE
                 longest = max(longest, run)
             locks.append(
@@ -672,6 +684,56 @@ class Watch:
             )
         out["locks"] = sorted(locks, key=lambda lk: (-lk["longest_held_s"], lk["relation"]))
         return out
+
+
+def _drop_partitions(url: str) -> dict[str, Any]:
+    """``outbox.drop_old_attempts`` until it has nothing left to do, as the relay's cycle calls it."""
+    import psycopg
+
+    steps = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(1000):
+            started = time.perf_counter()
+            row = conn.execute(
+                "select * from outbox.drop_old_attempts(%s::interval)", (_interval(RETENTION),)
+            ).fetchone()
+            if row is None:
+                break
+            steps.append(
+                {
+                    "partition": row[0],
+                    "attempts": row[1],
+                    "kept": row[2],
+                    "s": round(time.perf_counter() - started, 3),
+                }
+            )
+    return {"steps": steps}
+
+
+def _interval(duration: str) -> str:
+    return duration.replace("d", " days").replace("h", " hours")
+
+
+def watch_call(
+    label: str, url: str, fn: Callable[[], dict[str, Any]], probe_update_id: int
+) -> dict[str, Any]:
+    """``fn()`` under Watch: its wall time and result, the writers' waits, the locks."""
+    with Watch(url, probe_update_id) as watch:
+        time.sleep(0.5)
+        window = bl.CpuWindow()
+        started = time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - started
+        usage = window.read()
+        time.sleep(0.5)
+    out = {"label": label, "wall_s": round(wall, 3), **result, **watch.report()}
+    out["other_cores"] = usage["other_cores"]
+    out["steal_cores"] = usage["steal_cores"]
+    say(
+        f"  {label}: {wall:.1f}s; longest insert wait: writer {out['writer']['max_ms']} ms, "
+        f"attempt probe {out['probe']['max_ms']} ms"
+    )
+    return out
 
 
 def timed_with_watch(
@@ -781,8 +843,8 @@ def bench_scale(ctx: Any, measure_claims: Callable[[list[str], int], list[dict[s
         if out["partitions"].get("partitioned"):
             with psycopg.connect(urls["big"], autocommit=True) as conn:
                 t = time.monotonic()
-                if _has_function(conn, "rollup_reports"):
-                    days = conn.execute("select count(*) from outbox.rollup_reports()").fetchone()[0]
+                if _has_function(conn, "rollup_reports"):  # as the maintenance job has done all year
+                    days = conn.execute("select count(*) from outbox.rollup_reports(1000)").fetchone()[0]
                     out["load"]["rollup_days"] = days
                     out["load"]["rollup_s"] = round(time.monotonic() - t, 1)
                     say(f"  big: rolled up {days} days of reports in {out['load']['rollup_s']}s")
@@ -839,7 +901,7 @@ def bench_scale(ctx: Any, measure_claims: Callable[[list[str], int], list[dict[s
 def _md5(text: str) -> str:
     import hashlib
 
-    return hashlib.md5(text.encode()).hexdigest()
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
 def per_million(found: dict[str, Any], load: dict[str, Any]) -> dict[str, Any]:
@@ -888,7 +950,8 @@ def measure(
 
         with psycopg.connect(urls["big"]) as conn:
             row = conn.execute(
-                "select count(*) from outbox.action_status_updates where delivered_at >= %s and delivered_at < %s",
+                "select count(*) from outbox.action_status_updates"
+                " where delivered_at >= %s and delivered_at < %s",
                 (month_from, month_to),
             ).fetchone()
             out["month"]["delivered_updates"] = row[0]
@@ -939,9 +1002,7 @@ def retention(ctx: Any, out: dict[str, Any], url: str, plan: Plan) -> None:
         probe_id = conn.execute(
             "select min(id) from outbox.action_status_updates where state = 'pending'"
         ).fetchone()[0]
-        before_counts = conn.execute(
-            "select (select count(*) from outbox.action_status_updates), (select count(*) from outbox.delivery_attempts)"
-        ).fetchone()
+        before_counts = conn.execute(COUNTS).fetchone()
     with psycopg.connect(url, autocommit=True) as conn:  # the claims' rolled-back leftovers
         conn.execute("vacuum outbox.action_status_updates")
     ret: dict[str, Any] = {"older_than": RETENTION, "health_before": updates_health(url)}
@@ -949,12 +1010,15 @@ def retention(ctx: Any, out: dict[str, Any], url: str, plan: Plan) -> None:
     args = ["purge", "--older-than", RETENTION, "--include-dead"]
     ret["cycle"] = timed_with_watch("retention cycle", url, args, probe_id, timeout=3600)
     with psycopg.connect(url, autocommit=True) as conn:
-        after_counts = conn.execute(
-            "select (select count(*) from outbox.action_status_updates), (select count(*) from outbox.delivery_attempts)"
-        ).fetchone()
-        if _has_function(conn, "drop_attempt_partitions"):
-            parts = conn.execute("select count(*) from outbox.attempt_partitions").fetchone()[0]
-            ret["partitions_left"] = parts
+        has_drop = _has_function(conn, "drop_old_attempts")
+    if has_drop:  # what the command left of the attempt partitions' retention, one per transaction
+        ret["partition_drop"] = watch_call("partition drop", url, lambda: _drop_partitions(url), probe_id)
+    with psycopg.connect(url, autocommit=True) as conn:
+        after_counts = conn.execute(COUNTS).fetchone()
+        if has_drop:
+            ret["partitions_left"] = [
+                r[0] for r in conn.execute("select name from outbox.attempt_partitions").fetchall()
+            ]
     ret["updates_before"], ret["attempts_before"] = before_counts
     ret["updates_after"], ret["attempts_after"] = after_counts
     ret["health_after"] = updates_health(url)
@@ -1000,9 +1064,7 @@ def upgrade(ctx: Any, out: dict[str, Any], url: str) -> None:
             "select min(id) from outbox.action_status_updates where state = 'pending'"
         ).fetchone()[0]
         version = conn.execute("select max(version) from outbox.schema_migrations").fetchone()[0]
-        counts = conn.execute(
-            "select (select count(*) from outbox.action_status_updates), (select count(*) from outbox.delivery_attempts)"
-        ).fetchone()
+        counts = conn.execute(COUNTS).fetchone()
     up: dict[str, Any] = {"from_version": version, "updates": counts[0], "attempts": counts[1]}
     up["sizes_before"] = sizes(url)
     ctx.quiet()
@@ -1024,7 +1086,8 @@ def markdown(s: dict[str, Any]) -> list[str]:
     load = s.get("load", {})
     lines = [
         "",
-        f"## Scale: {load.get('updates', 0):,} updates and {load.get('attempts', 0):,} attempt rows over a year",
+        f"## Scale: {load.get('updates', 0):,} updates and {load.get('attempts', 0):,} attempt rows "
+        "over a year",
         "",
         f"{s['mix']}. Loaded in {s.get('load_s')} s ({s['load_settings']}); measured with "
         f'{s["measure_settings"]} after VACUUM ANALYZE. "empty": the same schema holding only the '
@@ -1045,7 +1108,7 @@ def markdown(s: dict[str, Any]) -> list[str]:
                 f"{claim['other_cores']} / {claim['steal_cores']}",
             ]
         )
-    for key, c in s.get("commands", {}).items():
+    for c in s.get("commands", {}).values():
         rows.append(
             [
                 f"`{c['command']}`",
@@ -1056,7 +1119,7 @@ def markdown(s: dict[str, Any]) -> list[str]:
                 f"{c['other_cores']} / {c['steal_cores']}",
             ]
         )
-    for key, q in s.get("queries", {}).items():
+    for q in s.get("queries", {}).values():
         rows.append(
             [
                 f"`{q['query'][:90]}`",
@@ -1076,7 +1139,8 @@ def markdown(s: dict[str, Any]) -> list[str]:
     if month:
         lines += [
             "",
-            f"The month {month['from']} .. {month['to']} holds {month.get('delivered_updates', 'n/a'):,} delivered updates.",
+            f"The month {month['from']} .. {month['to']} holds "
+            f"{month.get('delivered_updates', 0):,} delivered updates.",
         ]
     ret = s.get("retention")
     if ret:
@@ -1086,9 +1150,10 @@ def markdown(s: dict[str, Any]) -> list[str]:
             f"### Retention cycle: `{c['command']}`",
             "",
             f"{c['wall_s']:.1f} s; updates {ret['updates_before']:,} -> {ret['updates_after']:,}, attempts "
-            f"{ret['attempts_before']:,} -> {ret['attempts_after']:,}. Meanwhile one update inserted per 10 ms: "
-            f"longest {c['writer']['max_ms']} ms (p99 {c['writer']['p99_ms']} ms, {c['writer']['inserts']:,} inserts); "
-            f"one attempt row inserted per 10 ms: longest {c['probe']['max_ms']} ms (p99 {c['probe']['p99_ms']} ms).",
+            f"{ret['attempts_before']:,} -> {ret['attempts_after']:,}. Meanwhile one update inserted per "
+            f"10 ms: longest {c['writer']['max_ms']} ms (p99 {c['writer']['p99_ms']} ms, "
+            f"{c['writer']['inserts']:,} inserts); one attempt row inserted per 10 ms: longest "
+            f"{c['probe']['max_ms']} ms (p99 {c['probe']['p99_ms']} ms).",
             "",
         ]
         hs = [
@@ -1107,6 +1172,25 @@ def markdown(s: dict[str, Any]) -> list[str]:
         )
         lines += ["", "Locks the cycle held (sampled every 50 ms):", ""]
         lines += _locks_table(c)
+        d = ret.get("partition_drop")
+        if d:
+            dropped = sum(st["attempts"] - st["kept"] for st in d["steps"])
+            kept = sum(st["kept"] for st in d["steps"])
+            longest = max((st["s"] for st in d["steps"]), default=0.0)
+            lines += [
+                "",
+                f"Then `outbox.drop_old_attempts('{_interval(RETENTION)}')` until nothing is left (what the "
+                f"command left of it): {len(d['steps'])} steps in {d['wall_s']:.1f} s, the longest "
+                f"{longest} s; {dropped:,} attempt rows dropped, {kept:,} kept. Meanwhile the writer waited "
+                f"at most {d['writer']['max_ms']} ms, the attempt probe {d['probe']['max_ms']} ms.",
+                "",
+            ]
+            lines += bl.md_table(
+                ["partition", "rows", "kept", "seconds"],
+                [[st["partition"], f"{st['attempts']:,}", f"{st['kept']:,}", st["s"]] for st in d["steps"]],
+            )
+            lines += ["", "Locks held meanwhile:", ""]
+            lines += _locks_table(d)
     up = s.get("upgrade")
     if up:
         m = up["migrate"]
@@ -1115,7 +1199,8 @@ def markdown(s: dict[str, Any]) -> list[str]:
             f"### Upgrade: `outbox-relay migrate` {up['from_version']} -> {up['to_version']}, "
             f"{up['attempts']:,} attempt rows ({up['updates']:,} updates)",
             "",
-            f"{m['wall_s']:.1f} s. Meanwhile one update inserted per 10 ms: longest {m['writer']['max_ms']} ms; "
+            f"{m['wall_s']:.1f} s. Meanwhile one update inserted per 10 ms: longest "
+            f"{m['writer']['max_ms']} ms; "
             f"one attempt row per 10 ms (the relay's record): longest {m['probe']['max_ms']} ms.",
             "",
         ]
@@ -1230,12 +1315,22 @@ def targets(s: dict[str, Any] | None) -> list[dict[str, Any]]:
     if ret:
         h0, h3 = ret["health_before"], ret.get("health_after_rewrite")
         add(
-            "retention cycle",
+            "retention cycle: `purge`",
             "seconds; locks",
             f"{ret['cycle']['wall_s']:.1f} s; writer waited <= {ret['cycle']['writer']['max_ms']} ms, "
             f"attempt probe <= {ret['cycle']['probe']['max_ms']} ms",
             None,
         )
+        d = ret.get("partition_drop")
+        if d and d["steps"]:
+            add(
+                "retention cycle: attempt partitions dropped",
+                "seconds; locks",
+                f"{d['wall_s']:.1f} s ({len(d['steps'])} steps); "
+                f"writer waited <= {d['writer']['max_ms']} ms, "
+                f"attempt probe <= {d['probe']['max_ms']} ms",
+                None,
+            )
         if h3:
             add(
                 "action_status_updates after purge + VACUUM + as many rows again",
@@ -1249,7 +1344,8 @@ def targets(s: dict[str, Any] | None) -> list[dict[str, Any]]:
         add(
             f"migrate 0005 -> {up['to_version']} with {up['attempts']:,} attempts",
             "seconds; waits",
-            f"{m['wall_s']:.1f} s; writer waited <= {m['writer']['max_ms']} ms, attempt insert <= {m['probe']['max_ms']} ms",
+            f"{m['wall_s']:.1f} s; writer waited <= {m['writer']['max_ms']} ms, "
+            f"attempt insert <= {m['probe']['max_ms']} ms",
             None,
         )
     return out
