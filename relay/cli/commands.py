@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from collections.abc import Callable
+from datetime import date
 
 from relay.errors import ConfigError
 from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, Settings, parse_duration, whole_in
@@ -64,6 +66,16 @@ def _older_than(text: str) -> float:
     return seconds
 
 
+def _day(text: str) -> date:
+    """``audit --from/--to``: a UTC day, ``YYYY-MM-DD``."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a day as YYYY-MM-DD, got {text!r}") from None
+
+
 def _dead_usage(args: argparse.Namespace, settings: Settings) -> int:
     raise ConfigError("dead: choose `dead list` or `dead retry` (see outbox-relay dead --help)")
 
@@ -85,17 +97,28 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command(
         "audit",
         _ops("cmd_audit"),
-        "an update and every HTTP attempt made for it",
-        "Show every column of outbox.delivery_audit for the action (one row per target it was sent\n"
-        "to) and every attempt in order: start, duration, HTTP status, whether it reached the API\n"
-        "(answered; maybe: no answer, it may have been applied; no: it never left), outcome, error,\n"
-        "response body (cut short here; complete with --json), relay. Exit 1 when the action is\n"
-        "unknown.\n\n"
-        "example:\n  outbox-relay audit 1ba5fc4b-c4fd-4a52-9c43-0c3e6ea3b2a3 --json",
+        "an update and every HTTP attempt made for it; or what was reported between two days",
+        "audit ACTION_ID: every column of outbox.delivery_audit for the action (one row per target\n"
+        "it was sent to) and every attempt in order: start, duration, HTTP status, whether it reached\n"
+        "the API (answered; maybe: no answer, it may have been applied; no: it never left), outcome,\n"
+        "error, response body (cut short here; complete with --json or --csv), relay. Exit 1 when the\n"
+        "action is unknown.\n\n"
+        "audit --from DAY --to DAY: what was reported between two UTC days (inclusive), per target,\n"
+        "status and error code, from outbox.delivery_report (days rolled up by the relay, the others\n"
+        "counted live), with a total per status. A FAILED report counts once under each of its\n"
+        "error codes; the error code column empty (or null) is every report of that status.\n\n"
+        "examples:\n  outbox-relay audit 1ba5fc4b-c4fd-4a52-9c43-0c3e6ea3b2a3 --json\n"
+        "  outbox-relay audit --from 2026-11-01 --to 2026-11-30 --csv > november.csv",
     )
-    p.add_argument("action_id", metavar="ACTION_ID", help="the action id the application enqueued")
+    p.add_argument("action_id", metavar="ACTION_ID", nargs="?", help="the action id the application enqueued")
+    p.add_argument("--from", dest="day_from", type=_day, metavar="DAY", help="first UTC day (YYYY-MM-DD)")
+    p.add_argument("--to", dest="day_to", type=_day, metavar="DAY", help="last UTC day (YYYY-MM-DD)")
     p.add_argument("--target", metavar="NAME", help="only this target")
-    p.add_argument("--json", action="store_true", help="machine-readable output, attempts in full")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="machine-readable output, attempts in full")
+    shape.add_argument(
+        "--csv", action="store_true", help="RFC 4180 CSV with a header row (one row per attempt or figure)"
+    )
 
     dead = command(
         "dead",

@@ -16,7 +16,7 @@ import getpass
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
@@ -43,6 +43,7 @@ class TargetStatus(TypedDict):
     pending: int
     in_flight: int
     delivered: int
+    delivered_exact: bool
     dead: int
     oldest_pending_seconds: float | None
     delivered_last_hour: int
@@ -113,6 +114,10 @@ async def collect_status(store: Store, now: datetime | None = None) -> Status:
     whether it resumes); ``paused_since`` is the earliest ``since`` of those rows (the heartbeat
     keeps ``since`` while the state stays the same) and ``paused_seconds`` its age by ``now``
     (this host's clock unless given).
+
+    Every figure is exact but ``delivered``, which is the planner's estimate for a target with
+    many delivered rows (``delivered_exact`` false; :meth:`~relay.pg.store.Store.status_targets`):
+    nothing here scans the table.
     """
     from relay.pg.migrations import latest_version
 
@@ -136,6 +141,7 @@ async def collect_status(store: Store, now: datetime | None = None) -> Status:
                 pending=int(row.get("pending") or 0),
                 in_flight=int(row.get("in_flight") or 0),
                 delivered=int(row.get("delivered") or 0),
+                delivered_exact=bool(row.get("delivered_exact", True)),
                 dead=int(row.get("dead") or 0),
                 oldest_pending_seconds=row.get("oldest_pending_seconds"),
                 delivered_last_hour=int(row.get("delivered_last_hour") or 0),
@@ -186,7 +192,7 @@ def render_status(data: Status) -> str:
                     t["target"],
                     t["pending"],
                     t["in_flight"],
-                    t["delivered"],
+                    t["delivered"] if t["delivered_exact"] else report.Approx(t["delivered"]),
                     t["dead"],
                     human_duration(t["oldest_pending_seconds"]),
                     t["delivered_last_hour"],
@@ -209,6 +215,8 @@ def render_status(data: Status) -> str:
         ]
         lines.append(report.table(headers, rows))
     notes = []
+    if any(not t["delivered_exact"] for t in data["targets"]):
+        notes.append("~: estimated from the planner's statistics (the other figures are exact)")
     for t in data["targets"]:
         if t["paused"]:
             span = human_duration(t["paused_seconds"])
@@ -310,15 +318,131 @@ def render_audit(entries: list[AuditEntry]) -> str:
     return "\n\n".join(blocks)
 
 
+def audit_csv(entries: list[AuditEntry]) -> str:
+    """``audit ACTION_ID --csv``: one row per attempt with its update's columns (an update without
+    attempts: one row, the attempt's columns empty). An attempt column named like an update column
+    is prefixed ``attempt_``."""
+    update_columns = list(dict.fromkeys(k for e in entries for k in e["update"]))
+    attempt_columns = list(Attempt.__annotations__)
+    headers = update_columns + [f"attempt_{k}" if k in update_columns else k for k in attempt_columns]
+    rows: list[list[object]] = []
+    for entry in entries:
+        update: list[object] = [entry["update"].get(k) for k in update_columns]
+        attempts: list[Mapping[str, object]] = list(entry["attempts"]) or [{}]
+        rows += [update + [a.get(k) for k in attempt_columns] for a in attempts]
+    return report.csv_text(headers, rows)
+
+
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    ranged = args.day_from is not None or args.day_to is not None
+    if ranged or args.action_id is None:
+        if args.action_id is not None:
+            raise ConfigError("audit: give an ACTION_ID or --from DAY --to DAY, not both")
+        return cmd_audit_report(args, settings)
     updates = run_with_store(settings, lambda s: audit_entries(s, args.action_id, args.target))
     if not updates:
         where = f" for target {report.clean(args.target)}" if args.target else ""
         raise NotFound(f"no update for action id {report.clean(args.action_id)!r}{where}")
     if args.json:
         print(report.dumps({"action_id": args.action_id, "updates": updates}))
+    elif args.csv:
+        sys.stdout.write(audit_csv(updates))
     else:
         print(render_audit(updates))
+    return 0
+
+
+# -- what was reported between two days ----------------------------------------------------
+class ReportRow(TypedDict):
+    """One figure of ``audit --from --to``: reports of ``status`` to ``target`` over the days;
+    ``error_code`` None is every report of the status, else those carrying that error code.
+    ``rolled``: every day of it was read from the rollup (``outbox.daily_reports``); false when
+    some day was counted live from the updates."""
+
+    target: str
+    status: str
+    error_code: str | None
+    reports: int
+    rolled: bool
+
+
+class Report(TypedDict):
+    """``audit --from --to --json``."""
+
+    day_from: date
+    day_to: date
+    target: str | None
+    rows: list[ReportRow]
+    totals: dict[str, int]  # reports per status, every target
+
+
+async def delivery_report(store: Store, day_from: date, day_to: date, target: str | None = None) -> Report:
+    rows = [
+        ReportRow(
+            target=r["target"],
+            status=r["status"],
+            error_code=r["error_code"],
+            reports=int(r["reports"]),
+            rolled=bool(r["rolled"]),
+        )
+        for r in await store.delivery_report(day_from, day_to, target)
+    ]
+    totals: dict[str, int] = {}
+    for r in rows:
+        if r["error_code"] is None:
+            totals[r["status"]] = totals.get(r["status"], 0) + r["reports"]
+    return Report(
+        day_from=day_from, day_to=day_to, target=target, rows=rows, totals=dict(sorted(totals.items()))
+    )
+
+
+REPORT_COLUMNS = ["target", "status", "error_code", "reports", "rolled"]
+
+
+def render_report(data: Report) -> str:
+    span = f"{data['day_from']} to {data['day_to']} (UTC days, inclusive)"
+    where = f" for target {data['target']}" if data["target"] else ""
+    if not data["rows"]:
+        return f"no reports from {span}{where}"
+    rows = [
+        [
+            r["target"],
+            r["status"],
+            "(all)" if r["error_code"] is None else report.clean(r["error_code"], 64),
+            r["reports"],
+            "yes" if r["rolled"] else "no (live)",
+        ]
+        for r in data["rows"]
+    ]
+    lines = [
+        f"reports from {span}{where}",
+        "",
+        report.table(["TARGET", "STATUS", "ERROR CODE", "REPORTS", "ROLLED UP"], rows),
+        "",
+        report.table(
+            ["STATUS", "REPORTS"],
+            [*([k, v] for k, v in data["totals"].items()), ["total", sum(data["totals"].values())]],
+        ),
+    ]
+    if any(r["error_code"] is not None for r in data["rows"]):
+        lines += ["", "A FAILED report counts once under each of its error codes; (all) counts it once."]
+    return "\n".join(lines)
+
+
+def cmd_audit_report(args: argparse.Namespace, settings: Settings) -> int:
+    day_from, day_to = args.day_from, args.day_to
+    if day_from is None or day_to is None:
+        raise ConfigError("audit: give an ACTION_ID, or both --from DAY and --to DAY")
+    if day_from > day_to:
+        raise ConfigError(f"audit: --from {day_from} is after --to {day_to}")
+    data = run_with_store(settings, lambda s: delivery_report(s, day_from, day_to, args.target))
+    if args.json:
+        print(report.dumps(data))
+    elif args.csv:
+        rows = [[r[k] for k in REPORT_COLUMNS] for r in data["rows"]]  # type: ignore[literal-required]
+        sys.stdout.write(report.csv_text(REPORT_COLUMNS, rows))
+    else:
+        print(render_report(data))
     return 0
 
 

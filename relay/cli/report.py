@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -47,8 +47,14 @@ def when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
+class Approx(int):
+    """An estimated count: shown ``~12,345,678`` (and right-aligned with the other numbers)."""
+
+
 def value(item: object, limit: int | None = None) -> str:
     """Any column value for a human view."""
+    if isinstance(item, Approx):
+        return f"~{int(item):,}"
     if isinstance(item, datetime):
         return when(item)
     if isinstance(item, timedelta):
@@ -85,8 +91,8 @@ def fields(pairs: Mapping[str, object], indent: str = "  ", limit: int | None = 
 
 
 def jsonable(item: Any) -> Any:
-    """Plain JSON values: timestamps in ISO 8601, intervals in seconds."""
-    if isinstance(item, datetime):
+    """Plain JSON values: timestamps and days in ISO 8601, intervals in seconds."""
+    if isinstance(item, date):  # datetime too
         return item.isoformat()
     if isinstance(item, timedelta):
         return item.total_seconds()
@@ -101,3 +107,27 @@ def jsonable(item: Any) -> Any:
 
 def dumps(data: Any) -> str:
     return json.dumps(jsonable(data), indent=2, ensure_ascii=False)
+
+
+def csv_cell(item: object) -> str:
+    """One CSV field: null empty, booleans ``true``/``false``, timestamps ISO 8601, intervals in
+    seconds, JSON values as JSON; text exactly as stored (the csv module quotes it)."""
+    if item is None:
+        return ""
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, list | dict):
+        return json.dumps(jsonable(item), ensure_ascii=False)
+    return str(jsonable(item))
+
+
+def csv_text(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """RFC 4180 CSV (CRLF line ends, fields quoted when needed) with a header row."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(headers)
+    writer.writerows([csv_cell(c) for c in row] for row in rows)
+    return out.getvalue()

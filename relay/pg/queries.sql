@@ -300,21 +300,76 @@ from outbox.drop_old_attempts(make_interval(secs => cast(:older_than as double p
 -- ops_server_version --
 select current_setting('server_version') as version
 
--- ops_status_targets --
+-- ops_status_target_names --
+-- Every target with at least one row, by a loose index scan over the unique (target, action_id)
+-- index: one index probe per target, never a scan of the table.
+with recursive names (target) as (
+    (select u.target from outbox.action_status_updates u order by u.target limit 1)
+    union all
+    select (select u.target from outbox.action_status_updates u
+            where u.target > names.target order by u.target limit 1)
+    from names
+    where names.target is not null
+)
+select target from names where target is not null
+
+-- ops_status_waiting --
+-- Pending and in-flight rows per target, and the oldest one's age: the claimable partial index
+-- holds only these rows, so the cost is the backlog's, not the table's.
 select target,
        count(*) filter (where state = 'pending') as pending,
        count(*) filter (where state = 'in_flight') as in_flight,
-       count(*) filter (where state = 'delivered') as delivered,
-       count(*) filter (where state = 'dead') as dead,
-       extract(epoch from now() - min(coalesce(requeued_at, created_at))
-                                   filter (where state in ('pending', 'in_flight'))
-              )::double precision as oldest_pending_seconds,
-       count(*) filter (where state = 'delivered' and delivered_at > now() - interval '1 hour')
-           as delivered_last_hour,
-       count(*) filter (where state = 'dead' and dead_at > now() - interval '1 hour') as dead_last_hour
+       extract(epoch from now() - min(coalesce(requeued_at, created_at)))::double precision
+           as oldest_pending_seconds
 from outbox.action_status_updates
+where state in ('pending', 'in_flight')
 group by target
-order by target
+
+-- ops_status_dead_total --
+-- Dead rows in all: an index-only scan of the dead_at partial index.
+select count(*) as dead
+from outbox.action_status_updates
+where state = 'dead'
+
+-- ops_status_dead --
+-- Dead rows per target: the dead_at partial index, reading each dead row's target from the table
+-- (so it costs one heap visit per dead row; status runs it only when there are several targets).
+select target, count(*) as dead
+from outbox.action_status_updates
+where state = 'dead'
+group by target
+
+-- ops_status_last_hour --
+-- Deliveries and dead letters of the last hour per target: range scans of the delivered_at and
+-- dead_at partial indexes.
+select target, sum(delivered)::bigint as delivered_last_hour, sum(dead)::bigint as dead_last_hour
+from (
+    select target, 1 as delivered, 0 as dead
+    from outbox.action_status_updates
+    where state = 'delivered' and delivered_at > now() - interval '1 hour'
+    union all
+    select target, 0, 1
+    from outbox.action_status_updates
+    where state = 'dead' and dead_at > now() - interval '1 hour'
+) recent
+group by target
+
+-- ops_status_delivered_plan --
+-- The planner's estimate of a target's delivered rows (nothing is executed). Delivered rows are
+-- nearly all of the table and only retention bounds them, so status does not count them: the
+-- planner already applies the target column's statistics (its most common values) to the
+-- table's current size (reltuples scaled by the pages it has now), which a hand-made
+-- "reltuples minus the exact counts" could not split per target.
+explain (format json)
+select 1 from outbox.action_status_updates where target = :target and state = 'delivered'
+
+-- ops_status_delivered_count --
+-- A target's delivered rows counted, at most :limit of them (status counts when the estimate is
+-- small: an index scan on the target's rows).
+select count(*) as delivered
+from (select 1 from outbox.action_status_updates
+      where target = :target and state = 'delivered'
+      limit :limit) found
 
 -- ops_live_relays --
 select relay_id, target, state, reason, since,
@@ -347,17 +402,35 @@ from outbox.delivery_attempts
 where update_id = any(cast(:ids as bigint[]))
 order by update_id, started_at, attempt, id
 
+-- ops_audit_report --
+-- What was reported between two UTC days (inclusive), per target, status and error code (null:
+-- every report of the status), from outbox.delivery_report: days the relay rolled up are read
+-- from outbox.daily_reports, only the others are counted from the updates. `rolled`: every day
+-- of the figure came from the rollup.
+select target, status, error_code, sum(reports)::bigint as reports, bool_and(rolled) as rolled
+from outbox.delivery_report
+where day between cast(:day_from as date) and cast(:day_to as date)
+  and (cast(:target as text) is null or target = cast(:target as text))
+group by target, status, error_code
+order by target, status, error_code nulls first
+
 -- ops_dead_list --
+-- The error code of the last request: last_error_code, written by the relay with the result;
+-- for rows an older relay recorded (null) the last attempt's, looked up only for those (COALESCE
+-- evaluates its second argument only when the first is null). Newest first through the dead_at
+-- partial index, which also bounds --since.
 select u.id, u.action_id, u.target, u.status, u.attempts, u.created_at, u.dead_at,
        u.last_http_status, last.error_code as last_error_code, u.last_error
 from outbox.action_status_updates u
-left join lateral (
-    select d.error_code
-    from outbox.delivery_attempts d
-    where d.update_id = u.id
-    order by d.attempt desc, d.id desc
-    limit 1
-) last on true
+cross join lateral (
+    select coalesce(u.last_error_code, (
+        select d.error_code
+        from outbox.delivery_attempts d
+        where d.update_id = u.id
+        order by d.attempt desc, d.id desc
+        limit 1
+    )) as error_code
+) last
 where u.state = 'dead'
   and (cast(:since as double precision) is null
        or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
@@ -367,7 +440,8 @@ order by u.dead_at desc, u.id desc
 limit :limit
 
 -- ops_dead_count --
--- How many dead rows `dead list` (without its limit) or `dead retry` matches.
+-- How many dead rows `dead list` (without its limit) or `dead retry` matches; the error code as
+-- ops_dead_list reads it.
 select count(*) as n
 from outbox.action_status_updates u
 where u.state = 'dead'
@@ -375,10 +449,10 @@ where u.state = 'dead'
        or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
   and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
   and (cast(:target as text) is null or u.target = cast(:target as text))
-  and (cast(:code as text) is null or upper((
+  and (cast(:code as text) is null or upper(coalesce(u.last_error_code, (
         select d.error_code from outbox.delivery_attempts d
         where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
-      )) = upper(cast(:code as text)))
+      ))) = upper(cast(:code as text)))
 
 -- ops_dead_retry --
 -- One batch: dead rows with an id above the cursor, back to pending with attempts counted afresh,

@@ -610,9 +610,47 @@ class Store:
         rows = await self._rows("ops_server_version")
         return str(rows[0]["version"]).split()[0]
 
-    async def status_targets(self) -> list[dict[str, Any]]:
-        """Per target: rows per state, oldest pending age, deliveries and dead letters in the last hour."""
-        return [dict(r) for r in await self._rows("ops_status_targets")]
+    async def status_targets(self, exact_below: int = 100_000) -> list[dict[str, Any]]:
+        """Per target: rows per state, oldest pending age, deliveries and dead letters in the last
+        hour, without scanning the table (its cost does not grow with history).
+
+        Exact, through the partial indexes: ``pending``, ``in_flight``, ``dead``,
+        ``oldest_pending_seconds``, ``delivered_last_hour``, ``dead_last_hour``. ``delivered`` is
+        the planner's estimate (``delivered_exact`` false) unless that estimate is under
+        ``exact_below``: then the target's delivered rows are counted (``delivered_exact`` true)."""
+        async with self._tx() as tx:
+            found: dict[str, dict[str, Any]] = {}
+
+            def target(name: str) -> dict[str, Any]:
+                empty = dict(pending=0, in_flight=0, dead=0, oldest_pending_seconds=None)
+                empty.update(delivered_last_hour=0, dead_last_hour=0)
+                return found.setdefault(name, {"target": name, **empty})
+
+            for r in await tx.rows("ops_status_target_names"):
+                target(r["target"])
+            for r in await tx.rows("ops_status_waiting"):
+                target(r["target"]).update(r)
+            if len(found) <= 1:  # one target: its dead rows are all of them (an index-only count)
+                dead = int((await tx.rows("ops_status_dead_total"))[0]["dead"])
+                for row in found.values():
+                    row["dead"] = dead
+            else:
+                for r in await tx.rows("ops_status_dead"):
+                    target(r["target"]).update(r)
+            for r in await tx.rows("ops_status_last_hour"):
+                target(r["target"]).update(r)
+            for name, row in found.items():
+                plan = (await tx.rows("ops_status_delivered_plan", {"target": name}))[0]
+                estimate = round(next(iter(plan.values()))[0]["Plan"]["Plan Rows"])
+                row["delivered"], row["delivered_exact"] = estimate, False
+                if estimate < exact_below:
+                    params = {"target": name, "limit": exact_below}
+                    counted = int((await tx.rows("ops_status_delivered_count", params))[0]["delivered"])
+                    if counted < exact_below:
+                        row["delivered"], row["delivered_exact"] = counted, True
+                    else:  # the estimate was stale: at least this many
+                        row["delivered"] = max(estimate, counted)
+        return [found[name] for name in sorted(found)]
 
     async def live_relays(self, fresh: float = 120.0) -> list[dict[str, Any]]:
         """``outbox.relay_targets`` rows with a heartbeat in the last ``fresh`` seconds."""
@@ -639,6 +677,15 @@ class Store:
                 for item in await tx.rows("ops_audit_attempts", {"ids": ids}):
                     by_update[item.pop("update_id")].append(item)
         return [{"update": u, "attempts": by_update[u["id"]]} for u in updates]
+
+    async def delivery_report(
+        self, day_from: date, day_to: date, target: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Reports per target, status and error code over the UTC days ``day_from`` ..
+        ``day_to`` (inclusive), from ``outbox.delivery_report``: ``target``, ``status``,
+        ``error_code`` (None: every report of the status), ``reports``, ``rolled``."""
+        params = {"day_from": day_from, "day_to": day_to, "target": target}
+        return [dict(r) for r in await self._rows("ops_audit_report", params)]
 
     async def dead_list(
         self,
