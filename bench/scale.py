@@ -60,6 +60,16 @@ DEAD_CODES = [
     ("INVALID_INPUT", 400, "400 Bad Request: INVALID_INPUT: the request body was refused"),
 ]
 
+MODES = [  # PostgreSQL's table lock modes, weakest first
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+]
 COUNTS = (
     "select (select count(*) from outbox.action_status_updates),"
     + " (select count(*) from outbox.delivery_attempts)"
@@ -358,9 +368,16 @@ class ServerLog:
     """Statement durations the server logs for sessions started with PGOPTIONS below."""
 
     PGOPTIONS = "-c log_min_duration_statement=0"
+    # One more run, not measured: the plans (EXPLAIN ANALYZE) of its statements that took 20 ms or more.
+    EXPLAIN = (
+        "-c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=20"
+        " -c auto_explain.log_analyze=on -c auto_explain.log_buffers=on"
+        " -c auto_explain.log_nested_statements=on"
+    )
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.plans: list[list[str]] = []
 
     def mark(self) -> int:
         try:
@@ -374,21 +391,36 @@ class ServerLog:
             fh.seek(offset)
             text = fh.read().decode(errors="replace")
             found: list[tuple[float, str]] = []
+            plan: list[str] | None = None
             for line in text.splitlines():
                 m = _DURATION.search(line)
-                if m:
+                if m and m.group(3).startswith("plan:"):  # auto_explain's: not a statement of its own
+                    plan = [line[m.start() :]]
+                    self.plans.append(plan)
+                elif m:
+                    plan = None
                     found.append((float(m.group(1)), f"{m.group(2) or ''} {m.group(3)}".strip()))
+                elif line.startswith("\t") and plan is not None:
+                    plan.append(line.rstrip())
                 elif found and line.startswith("\t") and len(found[-1][1]) < 160:
                     found[-1] = (found[-1][0], f"{found[-1][1]} {line.strip()}"[:160])
+                else:
+                    plan = None
             return sum(d for d, _ in found), found
         return 0.0, []
 
+    def take_plans(self) -> list[str]:
+        plans, self.plans = self.plans, []
+        return ["\n".join(p)[:6000] for p in plans]
 
-def run_command(args: list[str], url: str, log: ServerLog | None, timeout: float = 600.0) -> dict[str, Any]:
+
+def run_command(
+    args: list[str], url: str, log: ServerLog | None, timeout: float = 600.0, explain: bool = False
+) -> dict[str, Any]:
     """``outbox-relay ARGS`` once: exit code, wall seconds, bytes written, statement time."""
     env = bl.child_env(RELAY_DATABASE_URL=url, RELAY_LOG_LEVEL="WARNING")
     if log:
-        env["PGOPTIONS"] = ServerLog.PGOPTIONS
+        env["PGOPTIONS"] = ServerLog.PGOPTIONS + (" " + ServerLog.EXPLAIN if explain else "")
     offset = log.mark() if log else 0
     started = time.perf_counter()
     proc = subprocess.run([*OUTBOX_RELAY, *args], cwd=bl.REPO, env=env, capture_output=True, timeout=timeout)
@@ -427,6 +459,9 @@ def compare_command(
             runs[name].append(run)
     usage = window.read()
     out: dict[str, Any] = {"command": "outbox-relay " + " ".join(args)}
+    log.take_plans()
+    run_command(args, urls["big"], log, explain=True)
+    out["plans_big"] = log.take_plans()
     for name, rs in runs.items():
         walls = sorted(r["wall_s"] for r in rs)
         queries = sorted(r["queries_ms"] for r in rs)
@@ -717,7 +752,16 @@ class Watch:
                     "longest_held_s": round(longest, 2),
                 }
             )
-        out["locks"] = sorted(locks, key=lambda lk: (-lk["longest_held_s"], lk["relation"]))
+        # Waits first, then the strongest modes, the longest held first.
+        out["locks"] = sorted(
+            locks,
+            key=lambda lk: (
+                lk["granted"],
+                -MODES.index(lk["mode"]) if lk["mode"] in MODES else 0,
+                -lk["longest_held_s"],
+                lk["relation"],
+            ),
+        )
         return out
 
 
@@ -1289,7 +1333,10 @@ def _locks_table(run: dict[str, Any]) -> list[str]:
         ]
         for lk in run["locks"][:25]
     ]
-    return bl.md_table(["relation", "mode", "", "longest stretch", "seen (s after start)"], rows)
+    lines = bl.md_table(["relation", "mode", "", "longest stretch", "seen (s after start)"], rows)
+    if len(run["locks"]) > 25:
+        lines.append(f"| ... {len(run['locks']) - 25} weaker or shorter ones in latest.json | | | | |")
+    return lines
 
 
 def targets(s: dict[str, Any] | None) -> list[dict[str, Any]]:
