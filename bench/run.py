@@ -905,7 +905,6 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             soak["growth_10pct_to_end_mb"] <= 3,
         )
         add("peak RSS (soak)", "<= 60 MB", fmt(soak["peak_rss_mb"], 1, " MB"), soak["peak_rss_mb"] <= 60)
-    targets += scale.targets(results.get("scale"))
     return targets
 
 
@@ -1312,6 +1311,15 @@ def main() -> int:
         kept = bl.md_section((out / "latest.md").read_text(), bl.CLI_SECTION)
         if kept:
             text = bl.put_md_section(text, bl.CLI_SECTION, kept)
+    if "scale" in ctx.results:  # the scale step's figures also on their own: a run without it keeps them
+        scale_report = {k: report[k] for k in ("mode", "started_at", "machine")}
+        scale_report.update(results=ctx.results["scale"], targets=scale.targets(ctx.results["scale"]))
+        (out / "scale.json").write_text(json.dumps(scale_report, indent=2, default=str) + "\n")
+    else:
+        with contextlib.suppress(OSError):
+            kept = bl.md_section((out / "latest.md").read_text(), scale.SECTION)
+            if kept:
+                text = bl.put_md_section(text, scale.SECTION, kept)
     (out / "latest.md").write_text(text)
     print()
     print(text)

@@ -36,6 +36,7 @@ from typing import Any
 import benchlib as bl
 from benchlib import BenchError, say
 
+SECTION = "## Scale"  # its section of bench/results/latest.md, kept by runs without the scale step
 SIZES = {"updates": 10_000_000, "attempts": 30_000_000, "upgrade_attempts": 10_000_000}
 PENDING = 1000
 BATCH = 500_000  # updates per load statement (with their attempts)
@@ -710,15 +711,23 @@ class Watch:
         while not self.stop_event.is_set():
             at = time.monotonic() - self.t0
             rows = conn.execute(
-                "select l.pid, coalesce(c.relname, l.relation::text, l.locktype), l.mode, l.granted"
+                "select l.pid, coalesce(c.relname, l.relation::text, l.locktype), l.mode, l.granted,"
+                " a.backend_type"
                 " from pg_locks l left join pg_class c on c.oid = l.relation"
+                " left join pg_stat_activity a on a.pid = l.pid"
                 " where l.pid <> pg_backend_pid() and l.locktype in ('relation', 'advisory')"
                 " and (c.oid is null or c.relnamespace = 'outbox'::regnamespace)"
                 " and l.database = (select oid from pg_database where datname = current_database())"
             ).fetchall()
             self.samples += 1
-            for pid, rel, mode, granted in rows:
-                who = "watch" if pid in self.ours else "operation"
+            for pid, rel, mode, granted, backend in rows:
+                who = (
+                    "watch"
+                    if pid in self.ours
+                    else "autovacuum"
+                    if backend == "autovacuum worker"
+                    else "operation"
+                )
                 if who == "watch" and granted:
                     continue
                 key = (f"{who}:{rel}", mode, bool(granted))
@@ -752,17 +761,20 @@ class Watch:
                     "longest_held_s": round(longest, 2),
                 }
             )
-        # Waits first, then the strongest modes, the longest held first.
-        out["locks"] = sorted(
-            locks,
-            key=lambda lk: (
-                lk["granted"],
-                -MODES.index(lk["mode"]) if lk["mode"] in MODES else 0,
-                -lk["longest_held_s"],
-                lk["relation"],
-            ),
-        )
+        out["locks"] = sorted(locks, key=_lock_order)
         return out
+
+
+def _lock_order(lk: dict[str, Any]) -> tuple[Any, ...]:
+    """Waits first, then named relations before those known by oid only (a temporary table of
+    the operation's own), the strongest modes, the longest held first."""
+    return (
+        lk["granted"],
+        " oid " in lk["relation"].replace(":", " "),
+        -MODES.index(lk["mode"]) if lk["mode"] in MODES else 0,
+        -lk["longest_held_s"],
+        lk["relation"],
+    )
 
 
 def _drop_partitions(url: str) -> dict[str, Any]:
@@ -1167,12 +1179,25 @@ def markdown(s: dict[str, Any]) -> list[str]:
         f"## Scale: {load.get('updates', 0):,} updates and {load.get('attempts', 0):,} attempt rows "
         "over a year",
         "",
-        f"{s['mix']}. Loaded in {s.get('load_s')} s ({s['load_settings']}); measured with "
+        f"{s['mix']}. Loaded in {s.get('load_s')} s ({_settings(s['load_settings'])}); measured with "
         f'{s["measure_settings"]} after VACUUM ANALYZE. "empty": the same schema holding only the '
         f"{PENDING:,} pending rows and copies of the rows the audit and `dead list` show. "
         f"Commands: median of {REPEAT} runs each, interleaved; queries: median of {QUERY_REPEAT}.",
         "",
     ]
+    lines += bl.md_table(
+        ["figure", "target", "result", "met"],
+        [
+            [
+                t["name"],
+                t["target"],
+                t["value"],
+                "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**"),
+            ]
+            for t in targets(s)
+        ],
+    )
+    lines += [""]
     rows = []
     claim = s.get("claim")
     if claim:
@@ -1213,6 +1238,15 @@ def markdown(s: dict[str, Any]) -> list[str]:
     lines += bl.md_table(
         ["measure", "big", "empty", "ratio", "queries' time big (empty)", "other load / steal (cores)"], rows
     )
+    for c in s.get("commands", {}).values():
+        top = c["big"]["statements_slowest_run"][:1]
+        if c["big"]["queries_ms"] >= 100 and top:
+            lines += [
+                "",
+                f"Where `{c['command']}`'s statement time goes (its slowest run): {top[0][0]:.0f} ms in "
+                f"`{' '.join(top[0][1].split())[:150]}...`; its plan (EXPLAIN ANALYZE, by auto_explain in "
+                "one more run) is in scale.json, `plans_big`.",
+            ]
     month = s.get("month")
     if month:
         lines += [
@@ -1322,6 +1356,10 @@ def markdown(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _settings(found: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in found.items())
+
+
 def _locks_table(run: dict[str, Any]) -> list[str]:
     rows = [
         [
@@ -1331,7 +1369,7 @@ def _locks_table(run: dict[str, Any]) -> list[str]:
             f"{lk['longest_held_s']} s",
             f"{lk['first_s']}-{lk['last_s']} s",
         ]
-        for lk in run["locks"][:25]
+        for lk in sorted(run["locks"], key=_lock_order)[:25]
     ]
     lines = bl.md_table(["relation", "mode", "", "longest stretch", "seen (s after start)"], rows)
     if len(run["locks"]) > 25:
