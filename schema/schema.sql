@@ -96,6 +96,15 @@ comment on column outbox.action_status_updates.last_error_code is
 comment on column outbox.action_status_updates.requeued_by is
     'The database role (current_user) that last put this dead row back to pending; set by a trigger.';
 
+-- Vacuumed after 2% of its rows changed instead of 20%: retention's deletes are reclaimed (and
+-- the space reused) within about a day at 200,000 rows a day, and the visibility map stays fresh
+-- for the index-only counts of `status`.
+alter table outbox.action_status_updates set (
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02
+);
+
 -- What a relay claims: due rows per target. Finished rows are not in it, so the claim's
 -- cost does not grow with history.
 create index action_status_updates_claimable
@@ -357,6 +366,7 @@ begin
         raise exception using errcode = 'invalid_parameter_value',
             message = format('months_ahead must be between 0 and 24, not %s', coalesce(months_ahead::text, 'null'));
     end if;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     month := date_trunc('month', least(coalesce(from_time, now()), now()) at time zone 'UTC');
     last_month := date_trunc('month', now() at time zone 'UTC') + make_interval(months => months_ahead);
     if month < last_month - interval '25 years' then
@@ -587,6 +597,7 @@ begin
                              coalesce(older_than::text, 'null'));
     end if;
     cutoff := now() - older_than;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     select p.name into doomed
     from outbox.attempt_partitions p
     where not p.is_default and p.to_time <= cutoff

@@ -151,7 +151,14 @@ def test_every_job_runs_late_rather_than_being_skipped(tmp_path: Path) -> None:
         return found
 
     found = asyncio.run(jobs())
-    assert sorted(job for job, _, _ in found) == ["drain", "heartbeat", "progress", "purge", "share"]
+    assert sorted(job for job, _, _ in found) == [
+        "drain",
+        "heartbeat",
+        "maintenance",
+        "progress",
+        "purge",
+        "share",
+    ]
     assert all(grace is None and coalesce for _, grace, coalesce in found), found
 
 

@@ -80,10 +80,9 @@ def test_roles_the_owner_cannot_create_are_named_with_the_statements_that_create
     assert failures[0].startswith("FAIL schema: permission denied for schema outbox: relay_svc needs")
     assert failures[1].startswith("FAIL roles missing: outbox_writer, outbox_operator, outbox_auditor;")
     assert failures[2] == (
-        "FAIL privileges: relay_svc lacks delete on outbox.relay_targets, insert (update_id, action_id, "
-        "target, attempt, started_at, duration_ms, http_status, outcome, error_code, error_message, "
-        "response_body, relay_id, reached_api) on outbox.delivery_attempts, insert on outbox.relay_targets "
-        "and 9 more: relay_svc is a member of outbox_relay, which was never granted them: as a superuser, "
+        "FAIL privileges: relay_svc lacks delete on outbox.relay_targets, execute on "
+        "outbox.ensure_attempt_partitions, execute on outbox.rollup_reports "
+        "and 12 more: relay_svc is a member of outbox_relay, which was never granted them: as a superuser, "
         "run `outbox-relay migrate --roles-sql | psql -d shop`"
     )
 
@@ -141,9 +140,8 @@ def test_check_names_the_grant_the_relays_user_lacks(database_url: str, outsider
     assert result.stderr.splitlines() == [
         f"FAIL schema: permission denied for schema outbox: {user} needs the outbox_relay role: "
         f'grant outbox_relay to {user} (as a superuser; README "Roles")',
-        f"FAIL privileges: {user} lacks delete on outbox.relay_targets, insert (update_id, action_id, target, "
-        "attempt, started_at, duration_ms, http_status, outcome, error_code, error_message, response_body, "
-        f"relay_id, reached_api) on outbox.delivery_attempts, insert on outbox.relay_targets and 9 more: "
+        f"FAIL privileges: {user} lacks delete on outbox.relay_targets, execute on "
+        "outbox.ensure_attempt_partitions, execute on outbox.rollup_reports and 12 more: "
         f'grant outbox_relay to {user} (as a superuser; README "Roles")',
     ]
     member = cli("check", env={**env, "RELAY_DATABASE_URL": url_as(database_url, outsiders["relay"])})

@@ -25,7 +25,7 @@ from relay.cli.ops import collect_status, render_status, retry_dead
 from relay.core.retention import purge
 from relay.durations import human_duration
 from relay.pg.migrations import latest_version
-from relay.pg.store import Store
+from relay.pg.store import Store, driver_sql
 from relay.redact import scrub_secrets
 from relay.settings import load_settings
 from tests.relaykit import cli
@@ -169,6 +169,7 @@ def test_status_json_matches_the_database(database_url: str, seeded: dict[tuple[
     assert list(targets) == ["default", "eu"]
     d, eu = targets["default"], targets["eu"]
     assert (d["pending"], d["in_flight"], d["delivered"], d["dead"]) == (1, 1, 6, 3)
+    assert d["delivered_exact"] is True and eu["delivered_exact"] is True  # few rows: counted
     assert (eu["pending"], eu["in_flight"], eu["delivered"], eu["dead"]) == (1, 0, 1, 1)
     assert (d["delivered_last_hour"], d["dead_last_hour"]) == (2, 1)
     assert (eu["delivered_last_hour"], eu["dead_last_hour"]) == (0, 1)
@@ -374,6 +375,79 @@ def test_dead_list_filters(database_url: str, seeded: dict[tuple[str, str], int]
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def test_dead_list_reads_the_error_code_kept_on_the_update(database_url: str, db: psycopg.Connection) -> None:
+    """Since 0006 the relay keeps the last request's error code on the update (last_error_code):
+    `dead list --code`, its count and `dead retry --code` read it there, newest first through the
+    dead_at partial index; the attempts are looked up only for rows an older relay recorded."""
+    codes = ["INVALID_INPUT", "UNAVAILABLE", "HTTP_404"]
+    db.execute("set session_replication_role = replica")  # the owner's bulk load: no triggers
+    db.execute(
+        """insert into outbox.action_status_updates
+               (action_id, status, state, attempts, requests, created_at, dead_at, last_error_code)
+           select 'gen-' || g, 'SUCCESS', 'dead', 1, 1, now() - interval '90 days',
+                  now() - interval '2 hours' - interval '60 days' * g / 20000, (%s::text[])[1 + g %% 3]
+           from generate_series(1, 20000) g""",
+        (codes,),
+    )
+    db.execute("reset session_replication_role")
+    # Recorded by a relay older than 0006: no code on the update, only in the attempts.
+    old_relay = add(db, "old-relay-1", state="dead", age="1 hour", attempts=[("dead", 400, "INVALID_INPUT")])
+    add(db, "old-relay-2", state="dead", age="30 days", attempts=[("dead", 400, "INVALID_INPUT")])
+    db.execute("vacuum analyze outbox.action_status_updates")
+    assert db.execute(
+        "select last_error_code from outbox.action_status_updates where id = %s", (old_relay,)
+    ).fetchone() == (None,)
+
+    def brute(since_days: float | None) -> list[str]:
+        rows = db.execute(
+            """select u.action_id from outbox.action_status_updates u
+               where u.state = 'dead' and (%s::float8 is null or u.dead_at >= now() - %s::float8 * interval '1 day')
+                 and coalesce(u.last_error_code, (select d.error_code from outbox.delivery_attempts d
+                                                  where d.update_id = u.id order by d.attempt desc limit 1))
+                     = 'INVALID_INPUT'
+               order by u.dead_at desc, u.id desc""",
+            (since_days, since_days),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    env = {"RELAY_DATABASE_URL": database_url}
+    week = brute(7)
+    assert week[0] == "old-relay-1" and 700 < len(week) < 900
+    result = cli(
+        "dead", "list", "--code", "invalid_input", "--since", "7d", "--limit", "1000", "--json", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    page = json.loads(result.stdout)
+    assert [r["action_id"] for r in page["dead"]] == week and page["total"] == len(week)
+    assert {r["last_error_code"] for r in page["dead"]} == {"INVALID_INPUT"}
+    short = json.loads(
+        cli("dead", "list", "--code", "INVALID_INPUT", "--limit", "5", "--json", env=env).stdout
+    )
+    assert [r["action_id"] for r in short["dead"]] == brute(None)[:5] and short["total"] == len(brute(None))
+    assert "old-relay-2" in brute(None)
+    dry = cli("dead", "retry", "--all", "--code", "invalid_input", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert (
+        dry.stdout.strip() == f"would re-queue {len(brute(None))} dead update(s) (dry run: nothing changed)"
+    )
+
+    # The plan: newest first down the dead_at index, the attempts read for the one row without a code.
+    params = {"since": 7 * 86400.0, "target": None, "code": "INVALID_INPUT", "limit": 100}
+    row = db.execute("explain (analyze, format json) " + driver_sql("ops_dead_list"), params).fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    updates = [n for n in nodes if n.get("Relation Name") == "action_status_updates"]
+    assert [n.get("Index Name") for n in updates] == ["action_status_updates_dead_at"], updates
+    subplans = [n for n in nodes if n.get("Parent Relationship") == "SubPlan"]
+    assert subplans and all(n["Actual Loops"] == 1 for n in subplans), subplans
+
+
 def test_dead_retry_requeues_only_the_named_dead_rows(
     database_url: str, db: psycopg.Connection, seeded: dict[tuple[str, str], int]
 ) -> None:
@@ -477,7 +551,11 @@ def test_purge_deletes_old_finished_rows_and_their_attempts_in_batches(
     assert attempts_of(old) == 6
     dry = cli("purge", "--older-than", "30d", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert "would purge 5 delivered update(s) older than 30d with 6 attempt(s)" in dry.stdout
+    assert dry.stdout.splitlines() == [
+        "would purge 5 delivered update(s) older than 30d",
+        "would drop no attempt partition (none ended more than 30d ago)",  # 40 days ago: the default one
+        "(dry run: nothing changed)",
+    ]
     before = snapshot(db)
     kept_attempts = attempts_of([k for k in before if k not in old])
 
@@ -485,7 +563,11 @@ def test_purge_deletes_old_finished_rows_and_their_attempts_in_batches(
     assert result.returncode == 0, result.stderr
     progress = result.stderr.strip().splitlines()
     assert [line.split(":")[0] for line in progress] == ["batch 1", "batch 2", "batch 3"]
-    assert "purged 5 delivered update(s) older than 30d and 6 attempt(s) in 3 batch(es)" in result.stdout
+    assert result.stdout.splitlines() == [
+        "purged 5 delivered update(s) older than 30d in 3 batch(es)",
+        "deleted 6 attempt row(s) of delivery_attempts_default whose update is gone",
+        "attempt rows: 6 dropped, 0 kept",
+    ]
     after = snapshot(db)
     assert set(after) == set(before) - set(old)
     assert after == {k: v for k, v in before.items() if k not in old}
@@ -494,12 +576,98 @@ def test_purge_deletes_old_finished_rows_and_their_attempts_in_batches(
     assert {v[0] for v in after.values()} == {"delivered", "pending", "in_flight", "dead"}
 
     one_batch = cli("purge", "--older-than", "30d", "--include-dead", env=env)
-    assert one_batch.returncode == 0 and one_batch.stderr == ""  # one batch: no progress lines
-    assert "purged 1 delivered and dead update(s)" in one_batch.stdout
+    assert one_batch.returncode == 0 and one_batch.stderr == ""  # one batch, one step: no progress lines
+    assert one_batch.stdout.splitlines() == [
+        "purged 1 delivered and dead update(s) older than 30d in 1 batch(es)",
+        "deleted 1 attempt row(s) of delivery_attempts_default whose update is gone",
+        "attempt rows: 1 dropped, 0 kept",
+    ]
     dead_b, dead_a = seeded[("dead-b", "default")], seeded[("dead-a", "default")]
     remaining = snapshot(db)
     assert dead_b not in remaining and dead_a in remaining
     assert attempts_of([dead_b]) == 0 and attempts_of([dead_a]) == 2
+    nothing = cli("purge", "--older-than", "30d", "--include-dead", env=env)
+    assert nothing.returncode == 0 and nothing.stderr == "", nothing.stderr
+    assert nothing.stdout.splitlines() == [
+        "purged 0 delivered and dead update(s) older than 30d in 0 batch(es)",
+        "attempt partitions: none ended more than 30d ago",
+    ]
+
+
+def test_purge_drops_the_attempt_partitions_that_ended_before_the_cutoff(
+    database_url: str, db: psycopg.Connection
+) -> None:
+    """Attempts go by partition: `purge` drops every monthly partition that ended before the cutoff,
+    keeping the rows of updates that remain (a dead row kept without --include-dead, a row still
+    retried); `--dry-run` lists them with the planner's row estimates."""
+    db.execute("select outbox.ensure_attempt_partitions(2, now() - interval '8 months')")
+    retried = [("retry", 503, "UNAVAILABLE"), ("delivered", 204, None)]
+    for age in (200, 150, 100, 45, 10):
+        for i in range(3):
+            add(db, f"d{age}-{i}", state="delivered", age=f"{age} days", attempts=retried)
+    add(db, "dead-200", state="dead", age="200 days", attempts=[("dead", 400, "INVALID_INPUT")])
+    add(db, "waiting", state="pending", age="150 days", attempts=[("retry", 503, "UNAVAILABLE")])
+    db.execute("analyze outbox.delivery_attempts")
+    doomed = db.execute(
+        """select p.name, (select count(*) from outbox.delivery_attempts d
+                           where d.started_at >= coalesce(p.from_time, '-infinity') and d.started_at < p.to_time),
+                  (select count(*) from outbox.delivery_attempts d
+                   where d.started_at >= coalesce(p.from_time, '-infinity') and d.started_at < p.to_time
+                     and d.action_id in ('dead-200', 'waiting'))
+           from outbox.attempt_partitions p
+           where not p.is_default and p.to_time <= now() - interval '90 days'
+           order by p.to_time"""
+    ).fetchall()
+    # 200 and 150 days ago: always in a partition that ended before the cutoff; 100 days: by the date
+    assert len(doomed) >= 4 and sum(r[1] for r in doomed) in (3 * 2 * 2 + 2, 3 * 3 * 2 + 2)
+    assert sum(r[2] for r in doomed) == 2  # dead-200's and waiting's attempts: kept
+
+    edge = db.execute(  # where the last partition to drop ends
+        "select max(to_time) from outbox.attempt_partitions where name = any(%s)", ([r[0] for r in doomed],)
+    ).fetchone()
+    assert edge is not None
+    expected_left = db.execute(
+        """select action_id, count(*) from outbox.delivery_attempts
+           where started_at >= %s or action_id in ('dead-200', 'waiting') group by 1 order by 1""",
+        edge,
+    ).fetchall()
+    assert ("d45-0", 2) in expected_left and ("d200-0", 2) not in expected_left
+
+    env = {"RELAY_DATABASE_URL": database_url}
+    dry = cli("purge", "--older-than", "90d", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    listed = ", ".join(f"{name} (about {rows:,} rows)" for name, rows, _ in doomed)
+    about = sum(r[1] for r in doomed)
+    assert dry.stdout.splitlines() == [
+        "would purge 9 delivered update(s) older than 90d",
+        f"would drop {len(doomed)} attempt partition(s) that ended more than 90d ago, about {about} attempt "
+        f"row(s) (rows of updates that remain are kept): {listed}",
+        "(dry run: nothing changed)",
+    ]
+    assert db.execute("select count(*) from outbox.delivery_attempts").fetchone() == (5 * 3 * 2 + 2,)
+
+    result = cli("purge", "--older-than", "90d", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [
+        f"dropped partition {name}: {rows} attempt row(s), {kept} kept (their update remains)"
+        for name, rows, kept in doomed
+    ]
+    assert result.stdout.splitlines() == [
+        "purged 9 delivered update(s) older than 90d in 1 batch(es)",
+        *lines,
+        f"attempt rows: {about - 2} dropped, 2 kept",
+    ]
+    assert result.stderr.splitlines() == [
+        f"dropped {name}: {rows} attempt row(s), {kept} kept" for name, rows, kept in doomed
+    ]
+    names = {r[0] for r in db.execute("select name from outbox.attempt_partitions").fetchall()}
+    assert not names & {r[0] for r in doomed}
+    kept = db.execute("select action_id from outbox.delivery_attempts_default order by action_id").fetchall()
+    assert kept == [("dead-200",), ("waiting",)]
+    left = db.execute(
+        "select action_id, count(*) from outbox.delivery_attempts group by 1 order by 1"
+    ).fetchall()
+    assert left == expected_left
 
 
 def test_purge_skips_rows_held_by_another_transaction_and_never_waits(
@@ -556,8 +724,9 @@ def test_purge_never_takes_rows_finished_less_than_an_hour_ago(
         )
     assert snapshot(db) == before
     hour = "select * from outbox.purge_finished('1 hour', true, 100, %s)"
-    assert db.execute(hour, ("delivered",)).fetchone() == (5, 6, "dead", None)  # the floor itself is accepted
-    assert db.execute(hour, ("dead",)).fetchone() == (2, 3, None, None)  # dead-a (2 hours) and dead-b
+    # the floor itself is accepted; attempts go with their partition (0006), never counted here
+    assert db.execute(hour, ("delivered",)).fetchone() == (5, 0, "dead", None)
+    assert db.execute(hour, ("dead",)).fetchone() == (2, 0, None, None)  # dead-a (2 hours) and dead-b
     young = {
         seeded[(a, t)]
         for a, t in [("fresh-1", "default"), ("both-1", "default"), ("dead-c", "default"), ("dead-eu", "eu")]
@@ -576,7 +745,7 @@ async def test_purge_function_for_the_daemon(db: psycopg.Connection, store: Stor
     seen: list[tuple[int, int, int]] = []
     removed = await purge(store, 86400.0, False, 2, progress=lambda *a: seen.append(a))
     assert removed == 5
-    assert seen == [(1, 2, 2), (2, 2, 2), (3, 1, 1)]
+    assert seen == [(1, 2, 0), (2, 2, 0), (3, 1, 0)]  # attempts go with their partition
 
     def left() -> list[str]:
         rows = db.execute("select action_id from outbox.action_status_updates order by action_id").fetchall()

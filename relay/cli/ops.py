@@ -1,12 +1,15 @@
 """Operator and auditor commands: ``status``, ``audit``, ``dead list|retry``, ``purge``, ``check``.
 
 Each command opens one small pool (:mod:`relay.cli.database`), runs a few named queries
-(``queries.sql``), prints an aligned table (or ``--json``) and closes it. Their options are in
-:mod:`relay.cli.commands`. Errors are :mod:`relay.errors` exceptions; the command line prints
-them as one line. :func:`purge` is also what the daemon's retention job runs.
+(``queries.sql``), prints an aligned table (or ``--json``, or for ``audit`` ``--csv``) and closes
+it. Their options are in :mod:`relay.cli.commands`. Errors are :mod:`relay.errors` exceptions;
+the command line prints them as one line. ``purge`` runs :mod:`relay.core.retention`, as the
+daemon's retention job does.
 
 What the commands return has a fixed shape (:class:`Status`, :class:`AuditEntry`,
-:class:`DeadLetter`): ``--json`` prints exactly those keys, in that order.
+:class:`Report`, :class:`DeadLetter`): ``--json`` prints exactly those keys, in that order.
+None of them scans a whole table: they read through the partial indexes, the report rollup and
+the attempt partitions' catalog.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from urllib.parse import urlsplit
 from relay.cli import report
 from relay.cli.commands import RETRY_BATCH
 from relay.cli.database import open_store, run_with_store
-from relay.core.retention import purge
+from relay.core.retention import cycle, maintain
+from relay.core.retention import purge as purge  # the daemon's and tests' name for it
 from relay.durations import human_duration
 from relay.errors import ConfigError, NotFound, PermissionDenied, RelayError, SchemaError
 from relay.redact import scrub_secrets
@@ -31,6 +35,7 @@ from relay.settings import Settings, TargetSettings
 
 if TYPE_CHECKING:
     from relay.connect.client import ApiClient
+    from relay.core.retention import Retained
     from relay.pg.store import Store
 
 FRESH_HEARTBEAT = 120.0  # a relay_targets row younger than this belongs to a live relay
@@ -357,13 +362,15 @@ class ReportRow(TypedDict):
     """One figure of ``audit --from --to``: reports of ``status`` to ``target`` over the days;
     ``error_code`` None is every report of the status, else those carrying that error code.
     ``rolled``: every day of it was read from the rollup (``outbox.daily_reports``); false when
-    some day was counted live from the updates."""
+    some day was counted live from the updates (days the relay has not rolled up yet: today,
+    yesterday until an hour past midnight UTC), ``live_reports`` of them."""
 
     target: str
     status: str
     error_code: str | None
     reports: int
     rolled: bool
+    live_reports: int
 
 
 class Report(TypedDict):
@@ -373,7 +380,7 @@ class Report(TypedDict):
     day_to: date
     target: str | None
     rows: list[ReportRow]
-    totals: dict[str, int]  # reports per status, every target
+    totals: dict[str, int]  # reports per status, all targets (or the one asked for)
 
 
 async def delivery_report(store: Store, day_from: date, day_to: date, target: str | None = None) -> Report:
@@ -384,6 +391,7 @@ async def delivery_report(store: Store, day_from: date, day_to: date, target: st
             error_code=r["error_code"],
             reports=int(r["reports"]),
             rolled=bool(r["rolled"]),
+            live_reports=int(r["live_reports"]),
         )
         for r in await store.delivery_report(day_from, day_to, target)
     ]
@@ -396,12 +404,21 @@ async def delivery_report(store: Store, day_from: date, day_to: date, target: st
     )
 
 
-REPORT_COLUMNS = ["target", "status", "error_code", "reports", "rolled"]
+# --csv: target, status, error_code, reports, rolled, live_reports
+REPORT_COLUMNS = list(ReportRow.__annotations__)
+
+
+def _rolled(row: ReportRow) -> str:
+    if row["rolled"]:
+        return "yes"
+    if row["live_reports"] >= row["reports"]:
+        return "no (counted live)"
+    return f"partly ({row['live_reports']} counted live)"
 
 
 def render_report(data: Report) -> str:
     span = f"{data['day_from']} to {data['day_to']} (UTC days, inclusive)"
-    where = f" for target {data['target']}" if data["target"] else ""
+    where = f" for target {report.clean(data['target'])}" if data["target"] else ""
     if not data["rows"]:
         return f"no reports from {span}{where}"
     rows = [
@@ -410,7 +427,7 @@ def render_report(data: Report) -> str:
             r["status"],
             "(all)" if r["error_code"] is None else report.clean(r["error_code"], 64),
             r["reports"],
-            "yes" if r["rolled"] else "no (live)",
+            _rolled(r),
         ]
         for r in data["rows"]
     ]
@@ -584,38 +601,88 @@ def cmd_dead_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # -- retention ------------------------------------------------------------------------------
+async def purge_preview(
+    store: Store, older_than: float, include_dead: bool
+) -> tuple[int, list[tuple[str, int]]]:
+    """What ``purge --dry-run`` reports: the updates it would delete, the attempt partitions it
+    would drop with their estimated rows."""
+    return await store.purge_count(older_than, include_dead), await store.purge_partitions(older_than)
+
+
+def render_dropped(partitions: list[tuple[str, int, int]], span: str) -> list[str]:
+    """The attempt partitions a purge dropped, and the attempt rows dropped and kept."""
+    if not partitions:
+        return [f"attempt partitions: none ended more than {span} ago"]
+    lines = []
+    for name, rows, kept in partitions:
+        if name == DEFAULT_PARTITION:
+            lines.append(f"deleted {rows:,} attempt row(s) of {name} whose update is gone")
+        else:
+            lines.append(
+                f"dropped partition {name}: {rows:,} attempt row(s), {kept:,} kept (their update remains)"
+            )
+    dropped = sum(rows - kept for _, rows, kept in partitions)
+    kept = sum(kept for _, _, kept in partitions)
+    lines.append(f"attempt rows: {dropped:,} dropped, {kept:,} kept")
+    return lines
+
+
+DEFAULT_PARTITION = "delivery_attempts_default"  # outbox.delivery_attempts' partition for stray rows
+
+
+@dataclass
+class ProgressLines:
+    """Progress lines of a long run on stderr: none for a single step, every step (the first
+    too) once there is a second."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) >= 2:
+            sys.stderr.write("\n".join(self.lines[-2 if len(self.lines) == 2 else -1 :]) + "\n")
+            sys.stderr.flush()
+
+
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     what = "delivered and dead" if args.include_dead else "delivered"
     span = human_duration(args.older_than)
     if args.dry_run:
-        updates, attempts = run_with_store(
-            settings, lambda s: s.purge_count(args.older_than, args.include_dead)
+        updates, partitions = run_with_store(
+            settings, lambda s: purge_preview(s, args.older_than, args.include_dead)
         )
-        print(
-            f"would purge {updates} {what} update(s) older than {span} with {attempts} attempt(s) "
-            "(dry run: nothing changed)"
-        )
+        print(f"would purge {updates:,} {what} update(s) older than {span}")
+        if partitions:
+            about = sum(rows for _, rows in partitions)
+            listed = ", ".join(f"{name} (about {rows:,} rows)" for name, rows in partitions)
+            print(
+                f"would drop {len(partitions)} attempt partition(s) that ended more than {span} ago, "
+                f"about {about:,} attempt row(s) (rows of updates that remain are kept): {listed}"
+            )
+        else:
+            print(f"would drop no attempt partition (none ended more than {span} ago)")
+        print("(dry run: nothing changed)")
         return 0
-    seen: list[str] = []
-    attempts_total = 0
+    batches, drops = ProgressLines(), ProgressLines()
 
     def progress(batch: int, updates: int, attempts: int) -> None:
-        nonlocal attempts_total
-        attempts_total += attempts
-        seen.append(f"batch {batch}: deleted {updates} update(s) and {attempts} attempt(s)")
-        if batch == 2:
-            sys.stderr.write(seen[0] + "\n")
-        if batch >= 2:
-            sys.stderr.write(seen[-1] + "\n")
-            sys.stderr.flush()
+        batches.add(f"batch {batch}: deleted {updates} update(s)")
 
-    total = run_with_store(
-        settings, lambda s: purge(s, args.older_than, args.include_dead, args.batch_size, progress=progress)
-    )
-    print(
-        f"purged {total} {what} update(s) older than {span} and {attempts_total} attempt(s) "
-        f"in {len(seen)} batch(es)"
-    )
+    def dropped(name: str, rows: int, kept: int) -> None:
+        drops.add(f"dropped {name}: {rows} attempt row(s), {kept} kept")
+
+    async def retain(store: Store) -> Retained:
+        # The upkeep first, as the daemon does at start: every ended day counted in the rollup
+        # (purge_finished counts at most 31 days per cycle itself), so that every delivered row
+        # past the cutoff can go and the attempt partitions dropped keep only live updates' rows.
+        await maintain(store)
+        return await cycle(
+            store, args.older_than, args.include_dead, args.batch_size, progress=progress, dropped=dropped
+        )
+
+    done = run_with_store(settings, retain)
+    print(f"purged {done.updates:,} {what} update(s) older than {span} in {len(batches.lines)} batch(es)")
+    print("\n".join(render_dropped(done.partitions, span)))
     return 0
 
 

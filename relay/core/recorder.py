@@ -14,8 +14,8 @@ What can go wrong with a write, and what happens then:
   ``unwritable`` counts it.
 * A row is no longer in the database (deleted while in flight, or never replicated to a standby
   promoted in a failover): the statement writes nothing for it, neither its state nor its
-  attempt rows (the foreign key would refuse the batch), and the flush reports it once: one
-  log line with the count, and the observer's ``dropped`` per row.
+  attempt rows (an attempt of a row the database does not hold is an orphan), and the flush
+  reports it once: one log line with the count, and the observer's ``dropped`` per row.
 * The caller is cancelled (shutdown, a timeout around a drain): the write runs in a task of its
   own, shielded, so results taken out of the buffers are written or put back, never dropped.
 """

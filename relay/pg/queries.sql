@@ -207,7 +207,7 @@ with r as (
                 cast(:a_response_body as text[]), cast(:a_reached_api as text[]))
          as a(update_id, token, action_id, target, attempt, started_at, duration_ms, http_status, outcome,
               error_code, error_message, response_body, reached_api)
-    -- no attempt row for a row it does not hold: the foreign key would refuse the whole batch
+    -- no attempt row for a row it does not hold (it would be an orphan, or another action's)
     where not exists (select 1 from gone g where g.id = a.update_id and coalesce(g.action_id, a.action_id) = a.action_id)
     returning 1
 )
@@ -406,8 +406,9 @@ order by update_id, started_at, attempt, id
 -- What was reported between two UTC days (inclusive), per target, status and error code (null:
 -- every report of the status), from outbox.delivery_report: days the relay rolled up are read
 -- from outbox.daily_reports, only the others are counted from the updates. `rolled`: every day
--- of the figure came from the rollup.
-select target, status, error_code, sum(reports)::bigint as reports, bool_and(rolled) as rolled
+-- of the figure came from the rollup; `live_reports`: how many of its reports were counted live.
+select target, status, error_code, sum(reports)::bigint as reports, bool_and(rolled) as rolled,
+       coalesce(sum(reports) filter (where not rolled), 0)::bigint as live_reports
 from outbox.delivery_report
 where day between cast(:day_from as date) and cast(:day_to as date)
   and (cast(:target as text) is null or target = cast(:target as text))
@@ -463,12 +464,26 @@ from outbox.requeue_dead(cast(:after as bigint), cast(:limit as integer), cast(:
                          cast(:action_ids as text[]), cast(:target as text), cast(:code as text)) r
 
 -- ops_purge_count --
-select count(*) as updates,
-       coalesce(sum((select count(*) from outbox.delivery_attempts d where d.update_id = u.id)), 0)
-           as attempts
-from outbox.action_status_updates u
-where (u.state = 'delivered' and u.delivered_at < now() - make_interval(secs => :older_than))
-   or (:include_dead and u.state = 'dead' and u.dead_at < now() - make_interval(secs => :older_than))
+-- The updates a purge would delete now, counted through the delivered_at and dead_at partial
+-- indexes (index-only). Delivered rows as outbox.purge_finished takes them once `purge` has
+-- rolled up every ended day (outbox.rollup_reports counts a day an hour after it ended): finished
+-- before the cutoff and before the UTC day that has not ended an hour ago.
+select (select count(*) from outbox.action_status_updates u
+        where u.state = 'delivered'
+          and u.delivered_at < least(now() - make_interval(secs => :older_than),
+                                     ((now() - interval '1 hour') at time zone 'UTC')::date::timestamp
+                                         at time zone 'UTC'))
+       + (select count(*) from outbox.action_status_updates u
+          where cast(:include_dead as boolean) and u.state = 'dead'
+            and u.dead_at < now() - make_interval(secs => :older_than)) as updates
+
+-- ops_purge_partitions --
+-- The attempt partitions a purge would drop (outbox.drop_old_attempts): those that ended more
+-- than :older_than ago, oldest first, with the planner's estimate of their rows.
+select name, from_time, to_time, rows_estimate
+from outbox.attempt_partitions
+where not is_default and to_time <= now() - make_interval(secs => :older_than)
+order by to_time
 
 -- ops_purge_batch --
 -- One small batch of old finished rows with their attempts, through outbox.purge_finished

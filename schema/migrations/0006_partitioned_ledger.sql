@@ -151,6 +151,7 @@ begin
         raise exception using errcode = 'invalid_parameter_value',
             message = format('months_ahead must be between 0 and 24, not %s', coalesce(months_ahead::text, 'null'));
     end if;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     month := date_trunc('month', least(coalesce(from_time, now()), now()) at time zone 'UTC');
     last_month := date_trunc('month', now() at time zone 'UTC') + make_interval(months => months_ahead);
     if month < last_month - interval '25 years' then
@@ -206,6 +207,7 @@ begin
                              coalesce(older_than::text, 'null'));
     end if;
     cutoff := now() - older_than;
+    perform pg_advisory_xact_lock(hashtext('outbox.delivery_attempts partitions'));  -- one at a time
     select p.name into doomed
     from outbox.attempt_partitions p
     where not p.is_default and p.to_time <= cutoff
@@ -455,6 +457,14 @@ select outbox.ensure_attempt_partitions(2);
 -- 6. The last error code on the update (set by the relay with each result), backfilled for dead
 -- rows; and dead retry's --code reads it. Last, so writers wait only for these short steps.
 alter table outbox.action_status_updates add column last_error_code text;
+-- Vacuumed after 2% of its rows changed instead of 20%: retention's deletes are reclaimed (and
+-- the space reused) within about a day at 200,000 rows a day, and the visibility map stays fresh
+-- for the index-only counts of `status`.
+alter table outbox.action_status_updates set (
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02
+);
 comment on column outbox.action_status_updates.last_error_code is
     'error_code of the last request recorded for this update (null: none, or recorded by a relay older than 0006).';
 update outbox.action_status_updates u
