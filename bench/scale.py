@@ -431,7 +431,7 @@ def run_command(
         "wall_s": round(wall, 4),
         "stdout_bytes": len(proc.stdout),
         "stdout_lines": proc.stdout.count(b"\n"),
-        "stderr": proc.stderr.decode(errors="replace")[-400:],
+        "stderr": proc.stderr.decode(errors="replace")[-3000:],
     }
     if log:
         time.sleep(0.05)  # the server writes its log lines as the statements end
@@ -1291,8 +1291,12 @@ def markdown(s: dict[str, Any]) -> list[str]:
         )
         lines += ["", "Locks the cycle held (sampled every 50 ms):", ""]
         lines += _locks_table(c)
+        said = re.findall(r"dropped (\S+): ([\d,]+) attempt row\(s\), ([\d,]+) kept", c.get("stderr", ""))
+        if said:
+            lines += ["", "The attempt partitions it dropped (its last lines of output):", ""]
+            lines += bl.md_table(["partition", "rows", "kept"], [list(x) for x in said])
         d = ret.get("partition_drop")
-        if d:
+        if d and d["steps"]:
             dropped = sum(st["attempts"] - st["kept"] for st in d["steps"])
             kept = sum(st["kept"] for st in d["steps"])
             longest = max((st["s"] for st in d["steps"]), default=0.0)
