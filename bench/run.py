@@ -10,7 +10,10 @@ The benchmarks (bench/README.md says more):
 - drain: pending rows (70% SUCCESS, 30% FAILED) drained by ``python -m relay run``;
 - latency: rows committed one by one at 200/s, commit to request received;
 - claim: the claim statement's time with 0 .. 5 million finished rows, and with stale statistics;
-- soak: 200,000 rows through one relay, its RSS along the way.
+- soak: 200,000 rows through one relay, its RSS along the way;
+- scale (bench/scale.py; not with --quick): a year of history (10 million updates, 30 million
+  attempt rows), the claim and the operators' commands on it beside an empty database, one
+  retention cycle and the upgrade from 0005.
 
 Figures are printed, never asserted. Each benchmark stops what it started, even on error.
 """
@@ -40,6 +43,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import benchlib as bl  # noqa: E402
+import scale  # noqa: E402
 from benchlib import BenchError, say  # noqa: E402
 
 FULL = {
@@ -54,6 +58,9 @@ FULL = {
     "variants": True,
     "raw_repeats": 3,
     "drain_repeats": 2,
+    "scale_updates": scale.SIZES["updates"],
+    "scale_attempts": scale.SIZES["attempts"],
+    "scale_upgrade_attempts": scale.SIZES["upgrade_attempts"],
 }
 QUICK = {
     "raw_seconds": 2.0,
@@ -71,7 +78,7 @@ QUICK = {
 PENDING_FOR_CLAIM = 1000
 CLAIM_LIMIT = 100
 LATENCY_RATE = 200.0
-BENCHES = ("raw", "drain", "latency", "claim", "soak")
+BENCHES = ("raw", "drain", "latency", "claim", "soak", "scale")
 
 
 class Context:
@@ -572,6 +579,9 @@ def _claim_params() -> dict[str, Any]:
         "lease": 60.0,
         "token": uuid.uuid4(),
         "relay_id": "bench",
+        # As the relay's engine does with an idle lane: the first max_concurrency (64) rows are
+        # marked as being sent in the same statement.
+        "send_now": 64,
     }
 
 
@@ -645,9 +655,16 @@ def bench_claim(ctx: Context) -> dict[str, Any]:
             psycopg.connect(big_url, autocommit=True) as big,
         ):
             for conn in (empty, big):
-                # Statistics change only when we say so (ANALYZE), never behind our back.
+                # Statistics change only when we say so (ANALYZE), never behind our back. A
+                # partitioned table (delivery_attempts from 0006) takes the setting per partition.
                 for table in ("action_status_updates", "delivery_attempts"):
-                    conn.execute(f"alter table outbox.{table} set (autovacuum_enabled = false)")
+                    leaves = conn.execute(
+                        "select coalesce((select array_agg(relid::text) from pg_partition_tree(%s::regclass)"
+                        " where isleaf), array[%s])",
+                        (f"outbox.{table}", f"outbox.{table}"),
+                    ).fetchone()[0]
+                    for leaf in leaves:
+                        conn.execute(f"alter table {leaf} set (autovacuum_enabled = false)")
             for conn in (empty, big):  # at stage 0 the two are alike: their ratio shows the noise
                 with conn.transaction():
                     bl.insert_rows(conn, bl.sample_updates(PENDING_FOR_CLAIM, prefix="p0"))
@@ -727,6 +744,10 @@ def _table_mb(conn: Any) -> float:
         " + pg_total_relation_size('outbox.delivery_attempts')) / 1048576.0"
     ).fetchone()
     return round(float(row[0]), 1)
+
+
+def bench_scale(ctx: Context) -> dict[str, Any]:
+    return scale.bench_scale(ctx, measure_claims)
 
 
 # == soak ======================================================================================
@@ -1139,6 +1160,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += table(["inclusive %", "relay function"], [[p, f"`{f}`"] for f, p in prof["relay"][:12]])
         lines += [""]
         lines += table(["self %", "function"], [[p, f"`{f}`"] for f, p in prof["self"][:12]])
+    if r.get("scale"):
+        lines += scale.markdown(r["scale"])
     if report["errors"]:
         lines += ["", "## Benchmarks that failed", ""]
         lines += [f"- {e['bench']}: {e['error']}" for e in report["errors"]]
@@ -1184,6 +1207,25 @@ def main() -> int:
         help="run the benchmark and everything it starts at this much higher CPU priority (root only; "
         "on a machine shared with other work: fewer stolen cycles, but it slows the others down)",
     )
+    parser.add_argument(
+        "--scale-updates",
+        type=int,
+        default=scale.SIZES["updates"],
+        help="scale step: updates in the year of history (default %(default)s)",
+    )
+    parser.add_argument(
+        "--scale-attempts",
+        type=int,
+        default=scale.SIZES["attempts"],
+        help="scale step: attempt rows in it, at least one per update (default %(default)s)",
+    )
+    parser.add_argument(
+        "--scale-upgrade-attempts",
+        type=int,
+        default=scale.SIZES["upgrade_attempts"],
+        help="scale step: attempt rows of the 0005 database that `migrate` upgrades "
+        "(default %(default)s; 0: skip)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (relay logs, raw data)")
     parser.add_argument("--out", default=str(bl.RESULTS), help="directory for latest.json and latest.md")
     args = parser.parse_args()
@@ -1194,7 +1236,16 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (20.0 if args.quick else 60.0)
-    ctx = Context(QUICK if args.quick else FULL, args.profile, quiet_wait)
+    if args.quick and "scale" in only:
+        only.remove("scale")
+        say("scale: skipped with --quick")
+    sizes = dict(QUICK if args.quick else FULL)
+    sizes.update(
+        scale_updates=args.scale_updates,
+        scale_attempts=args.scale_attempts,
+        scale_upgrade_attempts=args.scale_upgrade_attempts,
+    )
+    ctx = Context(sizes, args.profile, quiet_wait)
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = bl.machine_info()
@@ -1204,12 +1255,13 @@ def main() -> int:
     )
     interrupted = False
     try:
-        ctx.nginx = bl.Nginx().start()
-        machine["endpoint_check"] = ctx.nginx.verify()
-        say(
-            f"nginx up: 204 at {ctx.nginx.fast_url}, 50 ms at {ctx.nginx.slow_url} "
-            f"{machine['endpoint_check']}"
-        )
+        if {"raw", "drain", "latency", "soak"} & set(only):  # claim and scale need no endpoint
+            ctx.nginx = bl.Nginx().start()
+            machine["endpoint_check"] = ctx.nginx.verify()
+            say(
+                f"nginx up: 204 at {ctx.nginx.fast_url}, 50 ms at {ctx.nginx.slow_url} "
+                f"{machine['endpoint_check']}"
+            )
         if "raw" in only:
             with _recorded(ctx, "raw"):
                 ctx.results["raw"] = bench_raw(ctx)
@@ -1222,6 +1274,7 @@ def main() -> int:
             ("latency", bench_latency),
             ("soak", bench_soak),
             ("claim", bench_claim),
+            ("scale", bench_scale),
         ]
         for name, step in steps:
             if name in only:
@@ -1265,6 +1318,15 @@ def main() -> int:
         kept = bl.md_section((out / "latest.md").read_text(), bl.CLI_SECTION)
         if kept:
             text = bl.put_md_section(text, bl.CLI_SECTION, kept)
+    if "scale" in ctx.results:  # the scale step's figures also on their own: a run without it keeps them
+        scale_report = {k: report[k] for k in ("mode", "started_at", "machine")}
+        scale_report.update(results=ctx.results["scale"], targets=scale.targets(ctx.results["scale"]))
+        (out / "scale.json").write_text(json.dumps(scale_report, indent=2, default=str) + "\n")
+    else:
+        with contextlib.suppress(OSError):
+            kept = bl.md_section((out / "latest.md").read_text(), scale.SECTION)
+            if kept:
+                text = bl.put_md_section(text, scale.SECTION, kept)
     (out / "latest.md").write_text(text)
     print()
     print(text)
