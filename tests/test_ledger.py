@@ -655,3 +655,18 @@ def test_the_big_table_procedure_lets_the_migration_skip_its_index_build(empty_d
             assert db.execute(
                 "select last_error_code from outbox.action_status_updates where action_id = 'dead-before'"
             ).fetchone() == ("ORDER_IN_WRONG_STATE",)
+
+
+def test_check_warns_when_next_months_partition_is_missing(database_url: str) -> None:
+    env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "t0ken"}
+    with psycopg.connect(database_url, autocommit=True) as db:
+        now = db.execute("select now()").fetchone()[0]  # type: ignore[index]
+        for k in (1, 2):
+            db.execute(f"drop table outbox.{_month(_add_months(now, k))}")
+    result = cli("check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ok  attempt partitions: 1 monthly, through" in result.stdout
+    assert (
+        "warn no attempt partition for next month yet: the relays' maintenance job has not run"
+        in result.stdout
+    )

@@ -830,6 +830,10 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
     env = {"RELAY_DATABASE_URL": database_url, "RELAY_API_TOKEN": "static-secret-token"}
     params = psycopg.conninfo.conninfo_to_dict(database_url)
     owner = params["user"]  # the test's user owns the schema
+    with psycopg.connect(database_url) as conn:
+        through = conn.execute(
+            "select max(to_time) at time zone 'UTC' from outbox.attempt_partitions"
+        ).fetchone()[0]  # type: ignore[index]
     result = cli("check", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -842,6 +846,7 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
         ],
         f"ok  connection: {params['host']}:{params['port']}, direct to PostgreSQL",
         f"ok  schema up to date (version {latest_version()})",
+        f"ok  attempt partitions: 3 monthly, through {through:%Y-%m-%d}",
         "ok  roles outbox_writer, outbox_relay, outbox_operator, outbox_auditor exist",
         f"ok  privileges: {owner} may do what the relay does (owns the outbox schema)",
         "ok  LISTEN works on a connection of its own (wake-ups)",
@@ -856,6 +861,7 @@ def test_check_all_good_with_a_static_token(database_url: str) -> None:
         "database",
         "connection",
         "schema",
+        "ledger",
         "roles",
         "privileges",
         "listen",

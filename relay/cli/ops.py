@@ -899,12 +899,41 @@ async def _check_database(settings: Settings) -> list[Check]:
                 checks.append(Check("schema", False, ahead))
             else:
                 checks.append(Check("schema", True, f"schema up to date (version {version})"))
+                checks.append(await _check_ledger(store))
         try:
             checks += await _check_roles(store, settings)
         except RelayError as exc:
             checks.append(Check("roles", False, f"roles: {exc}"))
         checks.append(await _check_listen(store, settings))
     return checks
+
+
+async def _check_ledger(store: Store) -> Check:
+    """The attempt partitions the relays' maintenance job makes: next month's must exist, and the
+    default partition (rows no month covers) should be empty."""
+    try:
+        ledger = await store.ledger()
+    except RelayError as exc:
+        return Check("ledger", False, f"attempt partitions: {exc}")
+    until = ledger["covered_until"]
+    detail = (
+        f"attempt partitions: {ledger['partitions']} monthly, through {until:%Y-%m-%d}"
+        if until is not None
+        else "attempt partitions: none monthly"
+    )
+    warning = None
+    if until is None or ledger["short"]:
+        warning = (
+            "no attempt partition for next month yet: the relays' maintenance job has not run (is a relay "
+            "running, and may it EXECUTE outbox.ensure_attempt_partitions?); attempts land in the default "
+            "partition meanwhile"
+        )
+    elif ledger["default_rows"] > 0:
+        warning = (
+            f"the default attempt partition holds about {ledger['default_rows']} rows (a relay's clock "
+            "off, or attempts kept from dropped months); retention deletes them one by one"
+        )
+    return Check("ledger", True, detail, warning=warning)
 
 
 _AUTH = {"none": "no credentials"}

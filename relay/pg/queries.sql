@@ -371,6 +371,14 @@ from (select 1 from outbox.action_status_updates
       where target = :target and state = 'delivered'
       limit :limit) found
 
+-- ops_ledger --
+-- The attempt partitions (0006): until when monthly ones exist, and the default partition's rows.
+select max(to_time) filter (where not is_default) as covered_until,
+       count(*) filter (where not is_default) as partitions,
+       coalesce(sum(rows_estimate) filter (where is_default), 0)::bigint as default_rows,
+       max(to_time) filter (where not is_default) < now() + interval '1 month' as short
+from outbox.attempt_partitions
+
 -- ops_live_relays --
 select relay_id, target, state, reason, since,
        extract(epoch from now() - heartbeat_at)::double precision as heartbeat_age_seconds

@@ -654,6 +654,11 @@ class Store:
                         row["delivered"] = max(estimate, counted)
         return [found[name] for name in sorted(found)]
 
+    async def ledger(self) -> dict[str, Any]:
+        """The attempt partitions: ``covered_until``, ``partitions``, ``default_rows`` (estimated),
+        ``short`` (next month has none yet)."""
+        return dict((await self._rows("ops_ledger"))[0])
+
     async def live_relays(self, fresh: float = 120.0) -> list[dict[str, Any]]:
         """``outbox.relay_targets`` rows with a heartbeat in the last ``fresh`` seconds."""
         return [dict(r) for r in await self._rows("ops_live_relays", {"fresh": fresh})]
