@@ -459,7 +459,13 @@ select outbox.ensure_attempt_partitions(2);
 -- 6. What locks action_status_updates, last, so writers wait only for these steps: the 0.1.0
 -- table's foreign key dropped; the last error code on the update (set by the relay with each
 -- result, backfilled for dead rows; dead retry's --code reads it); the dead rows' index with what
--- status and dead list read, so they need not visit the table.
+-- status and dead list read, so they need not visit the table. The dead rows' last codes are read
+-- from the attempts first, before any of these locks.
+create temporary table migration_0006_codes on commit drop as
+select distinct on (d.update_id) d.update_id as id, d.error_code
+from outbox.delivery_attempts d
+where d.update_id in (select u.id from outbox.action_status_updates u where u.state = 'dead')
+order by d.update_id, d.attempt desc, d.id desc;
 do $$
 begin
     if to_regclass('outbox.delivery_attempts_legacy') is not null then
@@ -478,9 +484,9 @@ alter table outbox.action_status_updates set (
 comment on column outbox.action_status_updates.last_error_code is
     'error_code of the last request recorded for this update (null: none, or recorded by a relay older than 0006).';
 update outbox.action_status_updates u
-set last_error_code = (select d.error_code from outbox.delivery_attempts d
-                       where d.update_id = u.id order by d.attempt desc, d.id desc limit 1)
-where u.state = 'dead';
+set last_error_code = c.error_code
+from migration_0006_codes c
+where u.id = c.id and u.state = 'dead' and c.error_code is not null;
 
 do $$
 begin
