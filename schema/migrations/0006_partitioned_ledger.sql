@@ -5,9 +5,7 @@
 -- The 0.1.0 table is not copied: it becomes one partition (delivery_attempts_legacy, from the
 -- beginning of time to the first day of next month), attached after one scan that checks its
 -- rows. The relay's statements on delivery_attempts wait for the whole migration; writers
--- (inserts into action_status_updates) only for the steps of part 6, at the end: the new dead-row
--- index is built there unless it was made beforehand with CREATE INDEX CONCURRENTLY (README
--- "Upgrading" gives the two statements, for big tables).
+-- (inserts into action_status_updates) only for the short steps of part 6, at the end.
 
 -- 1. The 0.1.0 table steps aside, without its trigger and identity (its foreign key goes in part 6:
 -- dropping it locks action_status_updates).
@@ -456,16 +454,9 @@ revoke execute on function outbox.rollup_reports(integer) from public;
 
 select outbox.ensure_attempt_partitions(2);
 
--- 6. What locks action_status_updates, last, so writers wait only for these steps: the 0.1.0
+-- 6. What locks action_status_updates, last, so writers wait only for these short steps: the 0.1.0
 -- table's foreign key dropped; the last error code on the update (set by the relay with each
--- result, backfilled for dead rows; dead retry's --code reads it); the dead rows' index with what
--- status and dead list read, so they need not visit the table. The dead rows' last codes are read
--- from the attempts first, before any of these locks.
-create temporary table migration_0006_codes on commit drop as
-select distinct on (d.update_id) d.update_id as id, d.error_code
-from outbox.delivery_attempts d
-where d.update_id in (select u.id from outbox.action_status_updates u where u.state = 'dead')
-order by d.update_id, d.attempt desc, d.id desc;
+-- result; dead retry's --code reads it; 0007 fills it in for dead rows and indexes it).
 do $$
 begin
     if to_regclass('outbox.delivery_attempts_legacy') is not null then
@@ -483,21 +474,6 @@ alter table outbox.action_status_updates set (
 );
 comment on column outbox.action_status_updates.last_error_code is
     'error_code of the last request recorded for this update (null: none, or recorded by a relay older than 0006).';
-update outbox.action_status_updates u
-set last_error_code = c.error_code
-from migration_0006_codes c
-where u.id = c.id and u.state = 'dead' and c.error_code is not null;
-
-do $$
-begin
-    if exists (select 1 from pg_index i where i.indexrelid = to_regclass('outbox.action_status_updates_dead')
-               and not i.indisvalid) then
-        drop index outbox.action_status_updates_dead;  -- a CREATE INDEX CONCURRENTLY that failed
-    end if;
-end $$;
-create index if not exists action_status_updates_dead
-    on outbox.action_status_updates (dead_at) include (target, last_error_code, id) where state = 'dead';
-drop index outbox.action_status_updates_dead_at;
 
 create or replace view outbox.delivery_audit as
 select u.id,
