@@ -113,7 +113,7 @@ create index action_status_updates_claimable
 create index action_status_updates_action_id on outbox.action_status_updates (action_id);
 create index action_status_updates_delivered_at
     on outbox.action_status_updates (delivered_at) where state = 'delivered';
--- Dead rows, newest first, with what `status` and `dead list` read: no visit to the table (0006).
+-- Dead rows, newest first, with what `status` and `dead list` read: no visit to the table (0007).
 create index action_status_updates_dead
     on outbox.action_status_updates (dead_at) include (target, last_error_code, id) where state = 'dead';
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from relay.cli import report
 from relay.cli.commands import RETRY_BATCH
 from relay.cli.database import open_store, run_with_store
-from relay.core.retention import cycle, maintain
+from relay.core.retention import cycle
 from relay.core.retention import purge as purge  # the daemon's and tests' name for it
 from relay.durations import human_duration
 from relay.errors import ConfigError, NotFound, PermissionDenied, RelayError, SchemaError
@@ -671,12 +671,10 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     def dropped(name: str, rows: int, kept: int) -> None:
         drops.add(f"dropped {name}: {rows} attempt row(s), {kept} kept")
 
-    async def retain(store: Store) -> Retained:
-        # The upkeep first, as the daemon does at start: every ended day counted in the rollup
-        # (purge_finished counts at most 31 days per cycle itself), so that every delivered row
-        # past the cutoff can go and the attempt partitions dropped keep only live updates' rows.
-        await maintain(store)
-        return await cycle(
+    def retain(store: Store) -> Awaitable[Retained]:
+        # cycle() counts every ended day into the rollup first, so every delivered row past the
+        # cutoff can go and the partitions dropped keep only the attempts of updates still there.
+        return cycle(
             store, args.older_than, args.include_dead, args.batch_size, progress=progress, dropped=dropped
         )
 

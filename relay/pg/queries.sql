@@ -325,15 +325,9 @@ from outbox.action_status_updates
 where state in ('pending', 'in_flight')
 group by target
 
--- ops_status_dead_total --
--- Dead rows in all: an index-only scan of action_status_updates_dead (partial: dead rows only).
-select count(*) as dead
-from outbox.action_status_updates
-where state = 'dead'
-
 -- ops_status_dead --
 -- Dead rows per target: an index-only scan of action_status_updates_dead, which carries the target
--- (0006; status runs it only when there are several targets).
+-- (0007).
 select target, count(*) as dead
 from outbox.action_status_updates
 where state = 'dead'

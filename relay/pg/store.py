@@ -632,13 +632,8 @@ class Store:
                 target(r["target"])
             for r in await tx.rows("ops_status_waiting"):
                 target(r["target"]).update(r)
-            if len(found) <= 1:  # one target: its dead rows are all of them (an index-only count)
-                dead = int((await tx.rows("ops_status_dead_total"))[0]["dead"])
-                for row in found.values():
-                    row["dead"] = dead
-            else:
-                for r in await tx.rows("ops_status_dead"):
-                    target(r["target"]).update(r)
+            for r in await tx.rows("ops_status_dead"):
+                target(r["target"]).update(r)
             for r in await tx.rows("ops_status_last_hour"):
                 target(r["target"]).update(r)
             for name, row in found.items():
