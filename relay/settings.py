@@ -237,6 +237,7 @@ RANGES: dict[str, tuple[str, float, float, float | None]] = {
     "breaker.max_open_for": ("duration", 0.01, DAY, 15.0),
 }
 PURGE_MIN_AGE = 3600.0  # `purge --older-than` and `retention`: never younger than one hour
+RETRY_BATCH = 500  # dead rows re-queued per transaction (`dead retry`, the web console)
 PURGE_BATCH = 1000  # rows deleted per transaction by `purge` (--batch-size) and the retention job
 
 

@@ -14,11 +14,9 @@ from collections.abc import Callable
 from datetime import date
 
 from relay.errors import ConfigError
-from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, Settings, parse_duration, whole_in
+from relay.settings import DAY, PURGE_BATCH, PURGE_MIN_AGE, RETRY_BATCH, Settings, parse_duration, whole_in
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-
-RETRY_BATCH = 500  # dead rows re-queued per transaction by `dead retry`
 
 
 def lazy(module: str, name: str) -> Handler:

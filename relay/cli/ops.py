@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlsplit
 
 from relay.cli import report
-from relay.cli.commands import RETRY_BATCH
 from relay.cli.database import open_store, run_with_store
+from relay.core.redrive import Requeued as Requeued
+from relay.core.redrive import retry_dead as retry_dead  # `dead retry`, and the web console
 from relay.core.retention import cycle
 from relay.core.retention import purge as purge  # the daemon's and tests' name for it
 from relay.durations import human_duration
@@ -534,12 +535,6 @@ def cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@dataclass
-class Requeued:
-    count: int = 0
-    action_ids: set[str] = field(default_factory=set)  # only collected when action ids were named
-
-
 def requeue_reason(reason: str | None, now: datetime | None = None) -> str:
     """``"<reason> (by <os user> at <UTC time>)"``, as stored in ``requeue_reason``."""
     try:
@@ -548,33 +543,6 @@ def requeue_reason(reason: str | None, now: datetime | None = None) -> str:
         user = "unknown user"
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{reason or 'manual retry'} (by {user} at {stamp})"
-
-
-async def retry_dead(
-    store: Store,
-    *,
-    action_ids: list[str] | None,
-    target: str | None,
-    code: str | None,
-    reason: str,
-    batch_size: int = RETRY_BATCH,
-) -> Requeued:
-    """Put matching dead rows back to pending, ``batch_size`` per transaction, then wake the relays."""
-    done = Requeued()
-    after = 0
-    while True:
-        batch = await store.dead_retry_batch(
-            after=after, reason=reason, limit=batch_size, action_ids=action_ids, target=target, code=code
-        )
-        if not batch:
-            break
-        done.count += len(batch)
-        if action_ids:
-            done.action_ids.update(r["action_id"] for r in batch)
-        after = max(r["id"] for r in batch)
-    if done.count:
-        await store.notify_relays()
-    return done
 
 
 def cmd_dead_retry(args: argparse.Namespace, settings: Settings) -> int:
