@@ -322,6 +322,12 @@ class Settings:
     retention: float | None = None
     retention_include_dead: bool = False
     relay_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # The web console (`outbox-relay web`): its own database URL (its role decides what it may
+    # do; None: database_url), where it listens, and the SHA-256 of its sign-in token (None: no
+    # sign-in, allowed on loopback only).
+    web_database_url: Secret | None = None
+    web_listen: tuple[str, int] = ("127.0.0.1", 8089)
+    web_token_hash: str | None = None
     # What systemd told us: NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID (empty outside systemd).
     systemd: Mapping[str, str] = field(default_factory=dict)
 
@@ -338,6 +344,10 @@ _TOP_KEYS = {
     "database_url_file",
     "listen_database_url",
     "listen_database_url_file",
+    "web_database_url",
+    "web_database_url_file",
+    "web_listen",
+    "web_token_hash",
     "poll_interval",
     "batch_size",
     "max_concurrency",
@@ -514,7 +524,7 @@ def database_params(url: Secret, name: str = "database_url") -> dict[str, str]:
 
 def _inline_secret(doc: Mapping[str, Any]) -> str | None:
     """The first key of the config document that holds a secret inline, or None."""
-    for url_key in ("database_url", "listen_database_url"):
+    for url_key in ("database_url", "listen_database_url", "web_database_url"):
         url = doc.get(url_key)
         if isinstance(url, str):
             try:
@@ -561,6 +571,19 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+WEB_TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def web_token_hash(value: str, name: str = "web_token_hash") -> str:
+    """``sha256:`` and 64 lowercase hex digits: the SHA-256 of the console's sign-in token."""
+    text = value.strip().lower()
+    if not WEB_TOKEN_HASH.fullmatch(text):
+        raise ConfigError(
+            f"{name}: expected sha256: and 64 hex digits (make one with `outbox-relay web --new-token`)"
+        )
+    return text
 
 
 def _metrics_listen(value: str, name: str = "metrics_listen") -> tuple[str, int]:
@@ -663,6 +686,8 @@ _ENV_TOP = {
     "RELAY_RETENTION": "retention",
     "RELAY_CA_BUNDLE": "ca_bundle",
     "RELAY_ID": "relay_id",
+    "RELAY_WEB_LISTEN": "web_listen",
+    "RELAY_WEB_TOKEN_HASH": "web_token_hash",
 }
 _ENV_RETRY = {
     "RELAY_RETRY_BASE_DELAY": "base_delay",
@@ -695,6 +720,7 @@ _ENV_TOKEN_TEXT = ("RELAY_API_TOKEN", "RELAY_OAUTH_CLIENT_ID")
 _DATABASE_URL_VARIABLES = {
     "database_url": ("RELAY_DATABASE_URL", "RELAY_DATABASE_URL_FILE"),
     "listen_database_url": ("RELAY_LISTEN_DATABASE_URL", "RELAY_LISTEN_DATABASE_URL_FILE"),
+    "web_database_url": ("RELAY_WEB_DATABASE_URL", "RELAY_WEB_DATABASE_URL_FILE"),
 }
 
 
@@ -789,6 +815,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
 
     database_url = _database_url(env, top, "database_url", "database-url")
     listen_database_url = _database_url(env, top, "listen_database_url", "listen-database-url")
+    web_database_url = _database_url(env, top, "web_database_url", "web-database-url")
 
     base_delay = ranged("retry.base_delay", retry_table.get("base_delay"), label("retry.base_delay"))
     max_delay = ranged("retry.max_delay", retry_table.get("max_delay"), label("retry.max_delay"))
@@ -824,9 +851,17 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     extra: dict[str, Any] = {}
     if top.get("relay_id"):
         extra["relay_id"] = str(top["relay_id"])
+    if top.get("web_listen"):
+        extra["web_listen"] = _metrics_listen(str(top["web_listen"]), label("web_listen"))
     return Settings(
         database_url=database_url,
         listen_database_url=listen_database_url,
+        web_database_url=web_database_url,
+        web_token_hash=(
+            web_token_hash(str(top["web_token_hash"]), label("web_token_hash"))
+            if top.get("web_token_hash")
+            else None
+        ),
         targets=targets,
         retry=retry,
         breaker=breaker,

@@ -165,3 +165,50 @@ def cli(
         env={**base, **(env or {})},
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def web_console(env: dict[str, str], log_path: Path, listen: str | None = None) -> Iterator[str]:
+    """``outbox-relay web`` in a process of its own (``env``: its RELAY_* variables); yields its
+    address once it printed it (30 s deadline), stops it (SIGTERM, then kill) afterwards."""
+    import signal
+
+    listen = listen or f"127.0.0.1:{free_port()}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out_path = log_path.with_suffix(".out")
+    with log_path.open("ab") as log, out_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "web", "--listen", listen],
+            env={**base, **env},
+            stdout=out,
+            stderr=log,
+        )
+    try:
+
+        def address() -> str | None:
+            for line in out_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("outbox-relay web: http"):
+                    return line.split()[2]
+            return None
+
+        ok = wait_until(lambda: address() is not None or proc.poll() is not None, 30)
+        found = address()
+        if not ok or found is None:
+            raise AssertionError(f"the console did not start: {log_path.read_text(errors='replace')[-2000:]}")
+        yield found
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

@@ -40,6 +40,11 @@ LAZY_COMMANDS = (
         "relay.dev.demo.command",
         "see it work end to end: a throwaway PostgreSQL, the sandbox and the relay",
     ),
+    (
+        "web",
+        "relay.web.command",
+        "the audit console: find any action and its timeline, overview, dead letters and redrive",
+    ),
     ("completion", "relay.cli.completion", "print a shell completion script (bash, zsh or fish)"),
     ("man", "relay.cli.manpage", "print the manual page (roff): outbox-relay man | man -l -"),
 )
