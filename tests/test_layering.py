@@ -5,6 +5,8 @@
     core (the delivery core)                   the kernel and both edges
     service (daemon, metrics, logs)            all of the above
     cli (the operator's surface)               all of the above; dev only inside a command
+    web (the audit console)                    all of the above and cli; nothing imports it
+                                               (the command line loads it by name)
     dev (sandbox, demo, embedded PostgreSQL)   anything; and nothing but cli imports it
 
 Every import counts, also the ones inside functions, except where noted for cli. A real import
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "relay"
-LAYERS = ("core", "pg", "connect", "service", "cli", "dev")
+LAYERS = ("core", "pg", "connect", "service", "cli", "web", "dev")
 MAY_IMPORT = {
     "kernel": {"kernel"},
     "pg": {"kernel", "pg"},
@@ -29,7 +31,8 @@ MAY_IMPORT = {
     "core": {"kernel", "core", "pg", "connect"},
     "service": {"kernel", "core", "pg", "connect", "service"},
     "cli": {"kernel", "core", "pg", "connect", "service", "cli"},
-    "dev": {"kernel", "core", "pg", "connect", "service", "cli", "dev"},
+    "web": {"kernel", "core", "pg", "connect", "service", "cli", "web"},
+    "dev": {"kernel", "core", "pg", "connect", "service", "cli", "web", "dev"},
     "facade": {"kernel", "pg"},  # relay/__init__.py: the public Python API, imported lazily
 }
 
@@ -97,6 +100,7 @@ def test_the_layering_rules_can_fail() -> None:
     assert layer_of_module("relay.service.logs") not in MAY_IMPORT["pg"]
     assert layer_of_module("relay.dev.sandbox") not in MAY_IMPORT["core"]
     assert layer_of_module("relay.errors") in MAY_IMPORT["connect"]
+    assert layer_of_module("relay.web.app") not in MAY_IMPORT["cli"]
 
 
 def test_the_daemon_loads_nothing_from_the_tooling_or_the_cli() -> None:

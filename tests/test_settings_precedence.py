@@ -63,6 +63,30 @@ CASES: dict[str, tuple[str, str, Getter, Any]] = {
         "{tmp}/env-ca.pem",
     ),
     "RELAY_ID": ('relay_id = "from-file"\n', "from-env", lambda s: s.relay_id, "from-env"),
+    "RELAY_WEB_LISTEN": (
+        'web_listen = "127.0.0.1:9101"\n',
+        "127.0.0.1:9102",
+        lambda s: s.web_listen,
+        ("127.0.0.1", 9102),
+    ),
+    "RELAY_WEB_TOKEN_HASH": (
+        f'web_token_hash = "sha256:{"a" * 64}"\n',
+        f"sha256:{'B' * 64}",
+        lambda s: s.web_token_hash,
+        f"sha256:{'b' * 64}",
+    ),
+    "RELAY_WEB_DATABASE_URL": (
+        'web_database_url = "postgresql://file@db/app"\n',
+        "postgresql://env@db/app",
+        lambda s: s.web_database_url.reveal(),
+        "postgresql://env@db/app",
+    ),
+    "RELAY_WEB_DATABASE_URL_FILE": (
+        'web_database_url = "postgresql://file@db/app"\n',
+        "{tmp}/env-db-url",
+        lambda s: s.web_database_url.reveal(),
+        "postgresql://from-env-file@db/app",
+    ),
     "RELAY_RETRY_BASE_DELAY": ("[retry]\nbase_delay = 7\n", "3", lambda s: s.retry.base_delay, 3.0),
     "RELAY_RETRY_MAX_DELAY": ("[retry]\nmax_delay = 700\n", "300", lambda s: s.retry.max_delay, 300.0),
     "RELAY_RETRY_MAX_ATTEMPTS": ("[retry]\nmax_attempts = 7\n", "3", lambda s: s.retry.max_attempts, 3),
@@ -133,6 +157,8 @@ def test_every_variable_is_covered() -> None:
         *settings_module._ENV_DEFAULT_TARGET,
         "RELAY_DATABASE_URL",
         "RELAY_DATABASE_URL_FILE",
+        "RELAY_WEB_DATABASE_URL",
+        "RELAY_WEB_DATABASE_URL_FILE",
     }
     assert set(CASES) == variables
 
