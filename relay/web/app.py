@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -99,7 +100,11 @@ class Console:
     def error_page(self, request: Request, status: int, message: str) -> HTMLResponse:
         titles = {400: "Bad request", 401: "Sign in", 403: "Forbidden", 404: "Not found", 413: "Too large"}
         return self.page(
-            request, "error.html", http_status=status, title=titles.get(status, "Unavailable"), message=message
+            request,
+            "error.html",
+            http_status=status,
+            title=titles.get(status, "Unavailable"),
+            message=message,
         )
 
     async def form(self, request: Request) -> dict[str, list[str]]:
@@ -252,8 +257,8 @@ class Console:
         return [], forms.target(one), forms.code(one)
 
     async def redrive_preview(self, request: Request) -> Response:
+        caps = await self.may_redrive()  # the role first: an auditor's console refuses any redrive
         fields = await self.form(request)
-        caps = await self.may_redrive()
         ids, target, code = self._redrive_scope(fields)
         count = await data.redrive_count(self.store, ids=ids, target=target, code=code)
         selected = await data.dead_selected(self.store, ids) if ids else []
@@ -270,8 +275,8 @@ class Console:
         )
 
     async def redrive(self, request: Request) -> Response:
-        fields = await self.form(request)
         caps = await self.may_redrive()
+        fields = await self.form(request)
         ids, target, code = self._redrive_scope(fields)
         why = forms.reason(self.first(fields))
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -371,6 +376,11 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
             set_cookie(response, fresh)
         return response
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "error"
+        return console.error_page(request, status, str(detail))
+
     def handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
         async def handle(request: Request, exc: Exception) -> Response:
             if status >= 500:
@@ -400,6 +410,7 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
         routes=routes,
         middleware=middleware,
         exception_handlers={
+            HTTPException: http_error,
             forms.BadRequest: handler(400),
             Forbidden: handler(403),
             PermissionDenied: handler(403),

@@ -99,8 +99,11 @@ async def timeline(store: Store, update_id: int) -> Timeline | None:
     return Timeline(update, attempts, requeues, events)
 
 
-async def updates_page(store: Store, flt: ListFilter, cursor: Cursor | None, page: int = PAGE) -> Page:
-    """One page of updates, newest first (dead ones by when they died)."""
+async def updates_page(
+    store: Store, flt: ListFilter, cursor: Cursor | None, page: int = PAGE, scan: int = SCAN
+) -> Page:
+    """One page of updates, newest first (dead ones by when they died), reading at most ``scan``
+    rows of the index."""
     params: dict[str, Any] = {
         "target": flt.target,
         "status": flt.status,
@@ -108,7 +111,7 @@ async def updates_page(store: Store, flt: ListFilter, cursor: Cursor | None, pag
         "from_at": flt.from_at,
         "before_at": cursor.at if cursor else flt.to_at,
         "before_id": cursor.id if cursor else 0,
-        "scan": SCAN,
+        "scan": scan,
         "page_plus": page + 1,
     }
     if flt.state == "dead":
@@ -120,7 +123,7 @@ async def updates_page(store: Store, flt: ListFilter, cursor: Cursor | None, pag
     if len(hits) > page:
         last = hits[page - 1]
         return Page(hits[:page], Cursor(last["position_at"], int(last["id"])))
-    if edge is not None and int(edge["scanned"]) >= SCAN:
+    if edge is not None and int(edge["scanned"]) >= scan:
         return Page(hits, Cursor(edge["position_at"], int(edge["id"])), stopped_at=edge["position_at"])
     return Page(hits)
 
