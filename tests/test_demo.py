@@ -224,10 +224,71 @@ def test_ctrl_c_while_the_relay_runs_still_cleans_up(scratch: Path) -> None:
             proc.wait()
 
 
+def test_web_leaves_the_console_on_the_demos_data_until_ctrl_c(scratch: Path) -> None:
+    """`demo --web`: the console answers on the printed address with the audited row's timeline
+    and the dead letters; Ctrl-C stops it and the demo cleans up as usual (exit 0)."""
+    import httpx
+
+    from tests.relaykit import free_port
+
+    folder = scratch / "demo"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "demo",
+            "--rows",
+            "60",
+            "--data-dir",
+            str(folder),
+            "--web",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "dead letters: http" in line:
+                break
+        out = "".join(lines)
+        assert f"the audit console is serving the demo's data: http://127.0.0.1:{port}/" in out, out
+        found = re.search(r"the row audited above: (\S+find\?q=(\S+))", out)
+        assert found, out
+        with httpx.Client(timeout=20) as web:
+            timeline = web.get(found.group(1), follow_redirects=True)
+            assert timeline.status_code == 200
+            assert f'id="action-id">{found.group(2)}</span>' in timeline.text
+            assert len(re.findall(r"<strong>request \d+</strong>", timeline.text)) >= 2  # it needed retries
+            dead = web.get(f"http://127.0.0.1:{port}/dead")
+            assert dead.status_code == 200 and "No dead updates" not in dead.text
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        out += rest
+        assert proc.returncode == 0, out
+        assert "the console stopped" in out and "[7/7] cleaned up" in out
+        assert "Traceback" not in out
+        assert not folder.exists()
+        assert _refused(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--rows", "0"], "--rows: expected 1 to 100000, got 0"),
+        (["--web", "0.0.0.0:8089"], "the demo's console listens on loopback only, got '0.0.0.0:8089'"),
         (["--stop", "{tmp}"], "not a folder made by `outbox-relay demo`"),
         (["--data-dir", "{tmp}"], "not an empty folder"),
         (["--stop", "{tmp}", "--keep"], "--stop DIR takes no other option"),

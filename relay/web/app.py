@@ -285,15 +285,14 @@ class Console:
             done = await data.redrive(self.store, ids=ids, target=target, code=code, reason=kept)
         except PermissionDenied as exc:
             raise Forbidden(str(exc)) from None
+        said = {"scope": "selected" if ids else "filter", "target": target, "code": code}
         log.info(
             "dead updates re-queued from the web console",
             extra={
                 "count": done.count,
                 "role": caps.role,
                 "client": client(request),
-                "scope": "selected" if ids else "filter",
-                "target": target,
-                "code": code,
+                **{k: v for k, v in said.items() if v is not None},
             },
         )
         return self.page(

@@ -84,6 +84,24 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
             "(RELAY_WEB_TOKEN_HASH) to what `outbox-relay web --new-token` prints"
         )
     url = settings.web_database_url or settings.require_database_url()
+    require_web_stack()
+    from relay.service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(_plain)
+    sock = _bind(host, port)
+    return asyncio.run(serve(url, settings, sock))
+
+
+def _plain(record: logging.LogRecord) -> bool:
+    """uvicorn's records carry a terminal-coloured copy of the message: not for the log."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
+def require_web_stack() -> None:
+    """The web extra is installed, or a one-line error saying how to install it."""
     try:
         import jinja2  # noqa: F401
         import starlette  # noqa: F401
@@ -92,11 +110,11 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(
             f"web: the console needs the web extra ({exc.name} is missing): pip install 'outbox-relay[web]'"
         ) from None
-    from relay.service.logs import configure_logging
 
-    configure_logging(settings.log_level, settings.log_format)
-    sock = _bind(host, port)
-    return asyncio.run(serve(url, settings, sock))
+
+def bind(host: str, port: int) -> socket.socket:
+    """The console's listening socket (bound here, so a taken port is one line, not a traceback)."""
+    return _bind(host, port)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -109,9 +127,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    url: Secret, settings: Settings, sock: socket.socket, ready: Callable[[str], None] | None = None
+    url: Secret,
+    settings: Settings,
+    sock: socket.socket,
+    ready: Callable[[str], None] | None = None,
+    announce: bool = True,
 ) -> int:
-    """Serve the console on ``sock`` until SIGINT/SIGTERM."""
+    """Serve the console on ``sock`` until SIGINT/SIGTERM; ``ready`` is told its address and,
+    with ``announce``, it is printed on stdout."""
     import uvicorn
 
     from relay.pg.store import Store
@@ -141,9 +164,11 @@ async def serve(
                 "sign_in": bool(settings.web_token_hash),
             },
         )
-        print(
-            f"outbox-relay web: {address} (database role {caps.role}: {rights}); Ctrl-C stops it", flush=True
-        )
+        if announce:
+            print(
+                f"outbox-relay web: {address} (database role {caps.role}: {rights}); Ctrl-C stops it",
+                flush=True,
+            )
         if ready:
             ready(address)
         config = uvicorn.Config(

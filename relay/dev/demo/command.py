@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 from relay.cli import report
 from relay.dev.sandbox import Faults
 from relay.errors import ConfigError, DatabaseError, RelayError
-from relay.settings import Settings, load_settings
+from relay.settings import Settings, is_loopback_host, load_settings
 
 if TYPE_CHECKING:
     from relay.dev.embedded import EmbeddedPostgres
@@ -236,6 +236,8 @@ class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.rows: int = args.rows
         self.keep: bool = args.keep
+        self.web: tuple[str, int] | None = getattr(args, "web", None)
+        self.audited: str | None = None
         self.json: bool = args.json
         self.seed: int = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
         self.timeout: float = 60.0 + self.rows / 50.0
@@ -293,7 +295,36 @@ class Demo:
             self.detail(f"run as root: PostgreSQL runs as the system user {SERVER_USER}; changed for it:")
             for change in pg.root_changes:
                 self.detail(f"  {change}")
-        return asyncio.run(self._async_steps())
+        code = asyncio.run(self._async_steps())
+        if self.web is not None:
+            self._console(*self.web)
+        return code
+
+    def _console(self, host: str, port: int) -> None:
+        """``--web``: the audit console on the demo's database until Ctrl-C (then step 7)."""
+        from urllib.parse import urlencode
+
+        from relay.errors import RelayError
+        from relay.settings import Secret
+        from relay.web.command import bind, serve
+
+        try:
+            sock = bind(host, port)
+        except RelayError:
+            if port != WEB_PORT:
+                raise
+            sock = bind(host, 0)  # the usual port is taken: any free one
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # no line per page on the demo's screen
+
+        def ready(address: str) -> None:
+            self.say(f"      the audit console is serving the demo's data: {address}")
+            if self.audited:
+                self.detail(f"the row audited above: {address}find?{urlencode({'q': self.audited})}")
+            self.detail(f"dead letters: {address}dead   Ctrl-C stops it and cleans up")
+
+        with contextlib.suppress(KeyboardInterrupt, Interrupted):
+            asyncio.run(serve(Secret(self.url), Settings(), sock, ready=ready, announce=False))
+        self.say("the console stopped")
 
     async def _async_steps(self) -> int:
         from relay.dev.sandbox import DEFAULT_TOKEN, Sandbox, SandboxConfig
@@ -429,6 +460,7 @@ class Demo:
         lost = sorted(set(applied) - delivered)
         example = await read.retried_example(store)
         audit = await store.audit(example) if example else []
+        self.audited = example or None
         return Outcome(counts, figures, seen, applied_twice, lost, on_404, dead_unknown, elapsed, audit)
 
     # -- step 6 ----------------------------------------------------------------------------
@@ -713,6 +745,18 @@ def stop_kept(folder_arg: str) -> int:
     return 0
 
 
+WEB_PORT = 8089
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from relay.web.command import _listen as parse
+
+    host, port = parse(text)
+    if not is_loopback_host(host):
+        raise argparse.ArgumentTypeError(f"the demo's console listens on loopback only, got {text!r}")
+    return host, port
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """The handler. ``settings`` (from the environment) is ignored on purpose: the demo makes its own."""
     if args.stop is not None:
@@ -721,6 +765,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         return stop_kept(args.stop)
     if not 1 <= args.rows <= MAX_ROWS:
         raise ConfigError(f"--rows: expected 1 to {MAX_ROWS}, got {args.rows}")
+    if args.web is not None:
+        from relay.web.command import require_web_stack
+
+        require_web_stack()
     demo = Demo(args)
     previous_term = None
     with contextlib.suppress(ValueError):
@@ -783,3 +831,12 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="seed for the sample data and the faults: the same seed gives the same counts",
     )
     p.add_argument("--stop", metavar="DIR", help="stop a database left by --keep and delete its folder")
+    p.add_argument(
+        "--web",
+        nargs="?",
+        const=f"127.0.0.1:{WEB_PORT}",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="afterwards, serve the audit console on the demo's data until Ctrl-C (default "
+        f"127.0.0.1:{WEB_PORT}, or a free port when that one is taken); needs the web extra",
+    )
