@@ -25,6 +25,7 @@ QUERIES = NamedQueries("relay.web")
 FIND_LIMIT = 200  # updates shown for a prefix or a pasted list
 PAGE = 50  # rows per page of a list
 SCAN = 20_000  # index entries read at most per page of a filtered list
+SCAN_TABLE = 5_000  # the same when each entry read visits the table at random (dead rows by status)
 CHART_MINUTES = 24 * 60
 
 
@@ -77,7 +78,8 @@ async def find(store: Store, action_ids: Sequence[str]) -> tuple[list[dict[str, 
         return rows, False
     prefix = action_ids[0]
     params = {"prefix": prefix, "pattern": like_pattern(prefix), "limit": FIND_LIMIT}
-    return await store.fetch(QUERIES, "web_find_prefix", params), True
+    found = await store.fetch(QUERIES, "web_find_prefix", params)
+    return sorted(found, key=lambda r: (r["action_id"], r["target"])), True
 
 
 async def timeline(store: Store, update_id: int) -> Timeline | None:
@@ -115,15 +117,17 @@ async def updates_page(
         "page_plus": page + 1,
     }
     if flt.state == "dead":
+        if flt.status:  # the status is not in the dead rows' index: each row read visits the table
+            params["scan"] = scan = min(scan, SCAN_TABLE)
         found = await store.fetch(QUERIES, "web_dead_page", params)
     else:
         found = await store.fetch(QUERIES, "web_updates_page", {**params, "state": flt.state})
-    hits = [r for r in found if r["kind"] == "hit"]
-    edge = next((r for r in found if r["kind"] == "edge"), None)
+    hits = [r for r in found if r["hit"]]
+    edge = next((r for r in found if int(r["n"]) == scan), None)
     if len(hits) > page:
         last = hits[page - 1]
         return Page(hits[:page], Cursor(last["position_at"], int(last["id"])))
-    if edge is not None and int(edge["scanned"]) >= scan:
+    if edge is not None:  # read `scan` rows without filling the page: go on from the oldest read
         return Page(hits, Cursor(edge["position_at"], int(edge["id"])), stopped_at=edge["position_at"])
     return Page(hits)
 

@@ -23,13 +23,14 @@ limit :limit
 
 -- web_find_prefix --
 -- Updates whose action id starts with :prefix (its % _ \ escaped in :pattern): a range of the
--- text_pattern_ops index (0008), whatever the database's collation.
+-- text_pattern_ops index (0008), whatever the database's collation, read in that index's order
+-- (USING ~<~) so a short prefix matching millions stops at :limit instead of sorting them all.
 select id, action_id, target, status, state, attempts, created_at, delivered_at, dead_at,
        last_http_status, last_error_code
 from outbox.action_status_updates
 where action_id ~>=~ cast(:prefix as text)
   and action_id like cast(:pattern as text) escape '\'
-order by action_id, target
+order by action_id using ~<~
 limit :limit
 
 -- web_update --
@@ -55,59 +56,59 @@ order by requeued_at, id
 
 -- web_updates_page --
 -- Updates newest first by (created_at, id) through action_status_updates_created_at (0008), from
--- the cursor (before_at, before_id) back to from_at. Rows 'hit' match the filters (page_plus at
--- most); the row 'edge' is the oldest row read, with how many were read (scanned): when the page is
--- short and scanned reached :scan, the next page starts at the edge.
-with scanned as materialized (
+-- the cursor (before_at, before_id) back to from_at. The inner query reads at most :scan rows of
+-- the index, numbered n; the outer one keeps those matching the filters ('hit') and the row
+-- n = :scan (the oldest read, where the next page goes on when this one is short), and stops at
+-- :page_plus rows: a common filter reads about a page, a rare one at most :scan rows.
+select s.*
+from (
     select u.id, u.action_id, u.target, u.status, u.state, u.attempts, u.created_at, u.delivered_at,
-           u.dead_at, u.last_http_status, u.last_error_code, u.last_error,
+           u.dead_at, u.last_http_status, u.last_error_code, u.last_error, u.created_at as position_at,
            (cast(:state as text) is null or u.state = cast(:state as text))
            and (cast(:target as text) is null or u.target = cast(:target as text))
            and (cast(:status as text) is null or u.status = cast(:status as text))
            and (cast(:code as text) is null or upper(u.last_error_code) = upper(cast(:code as text)))
-               as hit
+               as hit,
+           row_number() over (order by u.created_at desc, u.id desc) as n
     from outbox.action_status_updates u
     where (u.created_at, u.id) < (cast(:before_at as timestamptz), cast(:before_id as bigint))
       and u.created_at >= cast(:from_at as timestamptz)
     order by u.created_at desc, u.id desc
     limit :scan
-)
-(select 'hit' as kind, s.*, s.created_at as position_at, 0::bigint as scanned
- from scanned s where s.hit
- order by s.created_at desc, s.id desc
- limit :page_plus)
-union all
-(select 'edge', s.*, s.created_at, count(*) over ()
- from scanned s
- order by s.created_at, s.id
- limit 1)
+) s
+where s.hit or s.n = :scan
+limit :page_plus
 
 -- web_dead_page --
--- Dead updates newest first by (dead_at, id) through action_status_updates_dead, whose index
--- carries target and last_error_code; otherwise as web_updates_page.
-with scanned as materialized (
-    select u.id, u.action_id, u.target, u.status, u.state, u.attempts, u.created_at, u.delivered_at,
-           u.dead_at, u.last_http_status, u.last_error_code, u.last_error,
-           (cast(:target as text) is null or u.target = cast(:target as text))
-           and (cast(:status as text) is null or u.status = cast(:status as text))
-           and (cast(:code as text) is null or upper(u.last_error_code) = upper(cast(:code as text)))
-               as hit
-    from outbox.action_status_updates u
-    where u.state = 'dead'
-      and (u.dead_at, u.id) < (cast(:before_at as timestamptz), cast(:before_id as bigint))
-      and u.dead_at >= cast(:from_at as timestamptz)
-    order by u.dead_at desc, u.id desc
-    limit :scan
-)
-(select 'hit' as kind, s.*, s.dead_at as position_at, 0::bigint as scanned
- from scanned s where s.hit
- order by s.dead_at desc, s.id desc
- limit :page_plus)
-union all
-(select 'edge', s.*, s.dead_at, count(*) over ()
- from scanned s
- order by s.dead_at, s.id
- limit 1)
+-- Dead updates newest first by (dead_at, id), as web_updates_page, but the rows read are only
+-- index entries: action_status_updates_dead carries target, last_error_code and id (0007), so
+-- the scan is index-only and the table is visited for the page's rows alone (and for the status,
+-- only when it is asked).
+select u.id, u.action_id, u.target, u.status, u.state, u.attempts, u.created_at, u.delivered_at,
+       u.dead_at, u.last_http_status, u.last_error_code, u.last_error, s.position_at, s.hit, s.n
+from (
+    select d.id, d.position_at, d.hit, d.n
+    from (
+        select x.id, x.dead_at as position_at,
+               (cast(:target as text) is null or x.target = cast(:target as text))
+               and (cast(:code as text) is null or upper(x.last_error_code) = upper(cast(:code as text)))
+               and (cast(:status as text) is null
+                    or (select y.status from outbox.action_status_updates y where y.id = x.id)
+                       = cast(:status as text))
+                   as hit,
+               row_number() over (order by x.dead_at desc, x.id desc) as n
+        from outbox.action_status_updates x
+        where x.state = 'dead'
+          and (x.dead_at, x.id) < (cast(:before_at as timestamptz), cast(:before_id as bigint))
+          and x.dead_at >= cast(:from_at as timestamptz)
+        order by x.dead_at desc, x.id desc
+        limit :scan
+    ) d
+    where d.hit or d.n = :scan
+    limit :page_plus
+) s
+join outbox.action_status_updates u on u.id = s.id
+order by s.n
 
 -- web_dead_groups --
 -- Dead updates per target and error code: an index-only scan of action_status_updates_dead.
