@@ -13,7 +13,12 @@ with ``raise ... from exc``, so callers only ever catch these::
     │   ├── PermissionDenied        the database user lacks a privilege: names the role to grant (exit 2)
     │   ├── SchemaError             schema missing, too old, or a migration file changed (exit 1)
     │   └── WriteRefused            PostgreSQL answered but refused to store these values (exit 1)
-    └── AuthError                   a token could not be obtained (exit 1)
+    ├── AuthError                   a token could not be obtained (exit 1)
+    └── Refused                     the web console refuses a request (``http_status``)
+        ├── BadRequest              a field outside its rule (400)
+        ├── Forbidden               the role, a stale or missing CSRF field, a cross-site POST (403)
+        ├── PageNotFound            no such page or update (404)
+        └── TooLarge                a form over its size limit (413)
 
 The command line turns any of them into one line on stderr and ``exit_code``.
 """
@@ -73,3 +78,25 @@ class WriteRefused(DatabaseError):
 
 class AuthError(RelayError):
     """A bearer token could not be obtained from the token endpoint or file."""
+
+
+class Refused(RelayError):
+    """The web console refuses a request; the page says why, with ``http_status``."""
+
+    http_status = 400
+
+
+class BadRequest(Refused):
+    """A query-string or form field outside its rule."""
+
+
+class Forbidden(Refused):
+    http_status = 403
+
+
+class PageNotFound(Refused):
+    http_status = 404
+
+
+class TooLarge(Refused):
+    http_status = 413

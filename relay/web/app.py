@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from relay.cli.ops import FRESH_HEARTBEAT, collect_status
 from relay.cli.report import csv_cell
-from relay.errors import PermissionDenied, RelayError
+from relay.errors import BadRequest, Forbidden, PageNotFound, PermissionDenied, Refused, RelayError, TooLarge
 from relay.pg.store import Store
 from relay.web import data, forms
 from relay.web.chart import per_minute_svg
@@ -60,18 +60,6 @@ CSV_COLUMNS = (
     "last_error_code",
     "last_error",
 )
-
-
-class Forbidden(RelayError):
-    """HTTP 403: not allowed (the role, a missing or wrong CSRF field, a cross-site POST)."""
-
-
-class NotFoundPage(RelayError):
-    """HTTP 404."""
-
-
-class TooLarge(RelayError):
-    """HTTP 413."""
 
 
 def client(request: Request) -> str:
@@ -111,7 +99,7 @@ class Console:
         """The POSTed form, checked: urlencoded, at most FORM_MAX_BYTES, with the right csrf."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/x-www-form-urlencoded":
-            raise forms.BadRequest("expected a form (application/x-www-form-urlencoded)")
+            raise BadRequest("expected a form (application/x-www-form-urlencoded)")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > FORM_MAX_BYTES:
             raise TooLarge("form too large")
@@ -125,7 +113,7 @@ class Console:
                 body.decode("utf-8"), keep_blank_values=True, max_num_fields=2000, strict_parsing=False
             )
         except (UnicodeDecodeError, ValueError):
-            raise forms.BadRequest("the form is not valid UTF-8 url-encoded text") from None
+            raise BadRequest("the form is not valid UTF-8 url-encoded text") from None
         sent = (fields.get("csrf") or [""])[0]
         if not self.guard.csrf_ok(request.cookies.get(COOKIE), sent):
             log.warning("web request refused", extra={"reason": "csrf", "client": client(request)})
@@ -187,10 +175,10 @@ class Console:
     async def update(self, request: Request) -> Response:
         update_id = int(request.path_params["update_id"])
         if not 0 < update_id < 2**63:
-            raise NotFoundPage(f"no update {update_id}")
+            raise PageNotFound(f"no update {update_id}")
         found = await data.timeline(self.store, update_id)
         if found is None:
-            raise NotFoundPage(f"no update {update_id} (purged by retention, or never written)")
+            raise PageNotFound(f"no update {update_id} (purged by retention, or never written)")
         caps = await data.capabilities(self.store)
         return self.page(request, "update.html", caps=caps, t=found)
 
@@ -250,10 +238,10 @@ class Console:
         ids = forms.selected_ids(fields.get("id", []))
         if one.get("scope") == "selected":
             if not ids:
-                raise forms.BadRequest("id: tick at least one dead update")
+                raise BadRequest("id: tick at least one dead update")
             return ids, None, None
         if one.get("scope") != "filter":
-            raise forms.BadRequest("scope: expected selected or filter")
+            raise BadRequest("scope: expected selected or filter")
         return [], forms.target(one), forms.code(one)
 
     async def redrive_preview(self, request: Request) -> Response:
@@ -380,6 +368,10 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
         detail = exc.detail if isinstance(exc, HTTPException) else "error"
         return console.error_page(request, status, str(detail))
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        status = exc.http_status if isinstance(exc, Refused) else 400
+        return console.error_page(request, status, str(exc))
+
     def handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
         async def handle(request: Request, exc: Exception) -> Response:
             if status >= 500:
@@ -410,11 +402,8 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
         middleware=middleware,
         exception_handlers={
             HTTPException: http_error,
-            forms.BadRequest: handler(400),
-            Forbidden: handler(403),
+            Refused: refused,
             PermissionDenied: handler(403),
-            NotFoundPage: handler(404),
-            TooLarge: handler(413),
             RelayError: handler(503),
         },
     )

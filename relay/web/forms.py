@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from relay.errors import RelayError
+from relay.errors import BadRequest
 
 STATES = ("pending", "in_flight", "delivered", "dead")
 STATUSES = ("SUCCESS", "FAILED")
@@ -22,10 +22,6 @@ MAX_SELECTED = 1000  # updates ticked for one redrive
 REASON_MAX = 500
 FAR_PAST = "-infinity"
 FAR_FUTURE = "infinity"
-
-
-class BadRequest(RelayError):
-    """A request the console refuses (HTTP 400), with the field at fault."""
 
 
 @dataclass(frozen=True)
