@@ -374,8 +374,11 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
 
     def handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
         async def handle(request: Request, exc: Exception) -> Response:
-            if status >= 500:
+            if status >= 500:  # the driver's message may name hosts and users: the log only
                 log.error("web page failed", extra={"path": request.url.path, "error": str(exc)})
+                return console.error_page(
+                    request, status, "the database did not answer this page; the console's log says why"
+                )
             return console.error_page(request, status, str(exc))
 
         return handle
