@@ -585,3 +585,65 @@ def test_the_console_without_its_credential_stops_the_unit(tmp_path: Path) -> No
     assert done.returncode == 2, done
     assert done.stderr.startswith("outbox-relay: no database configured") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
+
+
+# What MemoryDenyWriteExecute= asks of the kernel, in the process itself: PR_SET_MDWE with
+# PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3+; systemd uses a seccomp filter to the same effect). The
+# wrapper proves the policy bites (a writable and executable mapping is refused), then runs the
+# command line as the unit does.
+_UNDER_MDWE = """
+import ctypes, mmap, os, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    print("no-mdwe", os.strerror(ctypes.get_errno()), flush=True)
+    raise SystemExit(0)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    print("w+x refused", flush=True)
+sys.argv = ["outbox-relay", *sys.argv[1:]]
+runpy.run_module("relay", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_console_serves_under_memory_deny_write_execute(
+    database_url: str, auditor_login: str, tmp_path: Path
+) -> None:
+    """MemoryDenyWriteExecute=yes would make the console fail at the first page that needs W+X
+    memory (a JIT, a ctypes trampoline, a C extension that writes code): every kind of page loads."""
+    login = make_url(database_url).set(username=auditor_login, password="not-a-secret")
+    port = free_port()
+    env = {
+        "RELAY_WEB_DATABASE_URL": login.render_as_string(hide_password=False),
+        "RELAY_WEB_LISTEN": f"127.0.0.1:{port}",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out, log = tmp_path / "web.out", tmp_path / "web.log"
+    with out.open("wb") as out_file, log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _UNDER_MDWE, "web"], env={**base, **env}, stdout=out_file, stderr=log_file
+        )
+    try:
+        wait_until(lambda: "outbox-relay web: http" in out.read_text() or proc.poll() is not None, 30)
+        if out.read_text().startswith("no-mdwe"):
+            pytest.skip(f"this kernel has no PR_SET_MDWE: {out.read_text().strip()}")
+        assert out.read_text().startswith("w+x refused\n"), out.read_text() + log.read_text()
+        assert proc.poll() is None, log.read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, follow_redirects=True) as web:
+            for path in (
+                "/",
+                "/chart.svg",
+                "/dead",
+                "/updates",
+                "/updates?state=dead",
+                "/updates.csv",
+                "/find?q=nothing-like-this",
+                "/static/console.css",
+            ):
+                answer = web.get(path)
+                assert answer.status_code == 200, (path, answer.status_code, log.read_text()[-2000:])
+        assert proc.poll() is None, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
