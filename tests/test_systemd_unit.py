@@ -7,18 +7,26 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from relay import settings as settings_module
 from relay.settings import DEFAULT_TARGET, Settings, TargetSettings, load_settings
+from tests.conftest import Server
+from tests.relaykit import cli, free_port, wait_until
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "outbox-relay.service"
 TEMPLATE = SYSTEMD_DIR / "outbox-relay@.service"
+WEB_UNIT = SYSTEMD_DIR / "outbox-relay-web.service"
 ENV_EXAMPLE = SYSTEMD_DIR / "outbox-relay.env.example"
 CONFIG_EXAMPLE = SYSTEMD_DIR / "config.toml.example"
 SETTINGS_SOURCE = Path(settings_module.__file__)
@@ -29,6 +37,13 @@ MAX_EXPOSURE = 1.1
 # Peak RSS measured with the default settings: 68 MB idle, 75 MB over the 200,000-row soak and in
 # the hostile-answers test (README "Performance" and "Reliability").
 MEASURED_PEAK_MB = 75
+# The audit console's, against `outbox-relay demo --rows 2000 --keep`'s database: 48 MB idle,
+# 51 MB after 400 page loads, 60 MB over 3,000 page loads from 8 clients at once.
+WEB_MEASURED_PEAK_MB = 60
+# Each unit, its measured peak RSS and the figures its comment must state.
+MEMORY = {UNIT: (MEASURED_PEAK_MB, ("68 MB",)), WEB_UNIT: (WEB_MEASURED_PEAK_MB, ("48 MB", "51 MB"))}
+# The relay's unit and the console's: the checks that hold for both run over both.
+UNITS = pytest.mark.parametrize("unit", [UNIT, WEB_UNIT], ids=["relay", "web"])
 
 
 def _systemd_analyze() -> str:
@@ -70,12 +85,13 @@ def _unit_for_verify(tmp_path: Path, extra: str = "", unit: Path = UNIT) -> Path
 
     ``systemd-analyze verify`` checks that ExecStart='s binary exists; /usr/local/bin/outbox-relay
     is where ``pip install`` puts the script on a real host, but not on this test machine, so the
-    copy runs ``sys.executable -m relay run`` instead. Nothing else is changed.
+    copy runs ``sys.executable -m relay COMMAND`` instead (``run``, ``web``). Nothing else is changed.
     """
     text = unit.read_text(encoding="utf-8")
-    original = "ExecStart=/usr/local/bin/outbox-relay run\n"
-    assert text.count(original) == 1
-    text = text.replace(original, f"ExecStart={sys.executable} -m relay run\n{extra}")
+    found = re.findall(r"^ExecStart=/usr/local/bin/outbox-relay (\w+)\n", text, flags=re.MULTILINE)
+    assert len(found) == 1, found
+    original = f"ExecStart=/usr/local/bin/outbox-relay {found[0]}\n"
+    text = text.replace(original, f"ExecStart={sys.executable} -m relay {found[0]}\n{extra}")
     copy = tmp_path / unit.name
     copy.write_text(text, encoding="utf-8")
     return copy
@@ -84,8 +100,9 @@ def _unit_for_verify(tmp_path: Path, extra: str = "", unit: Path = UNIT) -> Path
 # --- systemd-analyze -----------------------------------------------------------------------------
 
 
-def test_security_exposure_is_low() -> None:
-    result = _analyze("security", "--offline=yes", str(UNIT))
+@UNITS
+def test_security_exposure_is_low(unit: Path) -> None:
+    result = _analyze("security", "--offline=yes", str(unit))
     output = result.stdout + result.stderr
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
     assert match, f"no exposure score in the output (rc={result.returncode}):\n{output}"
@@ -93,8 +110,9 @@ def test_security_exposure_is_low() -> None:
     assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}:\n{output}"
 
 
-def test_verify_is_clean(tmp_path: Path) -> None:
-    copy = _unit_for_verify(tmp_path)
+@UNITS
+def test_verify_is_clean(tmp_path: Path, unit: Path) -> None:
+    copy = _unit_for_verify(tmp_path, unit=unit)
     result = _analyze("verify", str(copy))
     output = (result.stdout + result.stderr).strip()
     about_unit = [line for line in output.splitlines() if "outbox-relay" in line or str(tmp_path) in line]
@@ -102,9 +120,10 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, output
 
 
-def test_verify_would_notice_a_broken_unit(tmp_path: Path) -> None:
+@UNITS
+def test_verify_would_notice_a_broken_unit(tmp_path: Path, unit: Path) -> None:
     """The check above is not vacuous: verify does report problems in the copied unit."""
-    copy = _unit_for_verify(tmp_path, extra="NoSuchDirective=1\n")
+    copy = _unit_for_verify(tmp_path, extra="NoSuchDirective=1\n", unit=unit)
     result = _analyze("verify", str(copy))
     output = result.stdout + result.stderr
     assert "NoSuchDirective" in output, output
@@ -119,10 +138,13 @@ def test_verify_would_notice_a_broken_unit(tmp_path: Path) -> None:
         ("SocketBindAllow=tcp:notaport", "tcp:notaport"),
     ],
 )
-def test_verify_would_notice_a_bad_hardening_value(tmp_path: Path, line: str, reported: str) -> None:
+@UNITS
+def test_verify_would_notice_a_bad_hardening_value(
+    tmp_path: Path, line: str, reported: str, unit: Path
+) -> None:
     """systemd ignores a value it cannot parse (the unit still starts, unhardened); verify says so,
     so test_verify_is_clean would catch a typo in the lines it protects."""
-    copy = _unit_for_verify(tmp_path, extra=f"{line}\n")
+    copy = _unit_for_verify(tmp_path, extra=f"{line}\n", unit=unit)
     result = _analyze("verify", str(copy))
     output = result.stdout + result.stderr
     about = [text.split(str(copy), 1)[1] for text in output.splitlines() if str(copy) in text]
@@ -163,9 +185,10 @@ def test_unit_service_settings() -> None:
 # --- least privilege and secrets at rest ---------------------------------------------------------
 
 
-def test_no_core_dumps() -> None:
+@UNITS
+def test_no_core_dumps(unit: Path) -> None:
     """A core dump would hold the database URL and the API token in clear."""
-    assert _directives(UNIT)["Service"]["LimitCORE"] == ["0"]
+    assert _directives(unit)["Service"]["LimitCORE"] == ["0"]
 
 
 def _megabytes(value: str) -> float:
@@ -175,25 +198,27 @@ def _megabytes(value: str) -> float:
     return int(match.group(1)) * factor
 
 
-def test_memory_is_capped_with_room_above_the_measured_peak() -> None:
-    service = _directives(UNIT)["Service"]
+@UNITS
+def test_memory_is_capped_with_room_above_the_measured_peak(unit: Path) -> None:
+    peak, figures = MEMORY[unit]
+    service = _directives(unit)["Service"]
     assert len(service["MemoryHigh"]) == len(service["MemoryMax"]) == 1
     high, limit = _megabytes(service["MemoryHigh"][0]), _megabytes(service["MemoryMax"][0])
     # Throttling starts well above the peak (page cache and socket buffers count too)...
-    assert high >= 2 * MEASURED_PEAK_MB, high
+    assert high >= 2 * peak, high
     # ...and below the kill limit, which leaves at least 3 x the peak...
     assert high < limit, (high, limit)
-    assert limit >= 3 * MEASURED_PEAK_MB, limit
+    assert limit >= 3 * peak, limit
     # ...but still catches a leak long before it hurts the host.
     assert limit <= 1024, limit
     # The reasoning is written next to the figures, with the figures it rests on.
-    text = UNIT.read_text(encoding="utf-8")
-    for figure in ("68 MB", f"{MEASURED_PEAK_MB} MB"):
+    text = unit.read_text(encoding="utf-8")
+    for figure in (*figures, f"{peak} MB"):
         assert figure in text, figure
 
 
-def _denied() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    values = " ".join(_directives(UNIT)["Service"]["IPAddressDeny"]).split()
+def _denied(unit: Path = UNIT) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    values = " ".join(_directives(unit)["Service"]["IPAddressDeny"]).split()
     # Prefixes only: "any", "localhost", "link-local" or "multicast" would be easy to widen by mistake.
     keywords = [value for value in values if not re.fullmatch(r"[0-9A-Fa-f.:/]+", value)]
     assert keywords == [], f"IPAddressDeny= takes prefixes only here, not {keywords}"
@@ -201,9 +226,10 @@ def _denied() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 @pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "169.254.0.1", "fe80::1"])
-def test_link_local_and_metadata_addresses_are_denied(address: str) -> None:
+@UNITS
+def test_link_local_and_metadata_addresses_are_denied(address: str, unit: Path) -> None:
     ip = ipaddress.ip_address(address)
-    assert any(ip in network for network in _denied()), address
+    assert any(ip in network for network in _denied(unit)), address
 
 
 @pytest.mark.parametrize(
@@ -219,20 +245,22 @@ def test_link_local_and_metadata_addresses_are_denied(address: str) -> None:
         "2606:4700::6810:1e01",
     ],
 )
-def test_the_api_and_the_database_stay_reachable(address: str) -> None:
+@UNITS
+def test_the_api_and_the_database_stay_reachable(address: str, unit: Path) -> None:
     ip = ipaddress.ip_address(address)
-    assert not any(ip in network for network in _denied()), address
+    assert not any(ip in network for network in _denied(unit)), address
 
 
-def test_ip_deny_list_holds_only_link_local_and_metadata_prefixes() -> None:
+@UNITS
+def test_ip_deny_list_holds_only_link_local_and_metadata_prefixes(unit: Path) -> None:
     link_local = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
     metadata = {ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128")}
-    for network in _denied():
+    for network in _denied(unit):
         inside = any(
             network.network_address in outer and network.broadcast_address in outer for outer in link_local
         )
         assert inside or network in metadata, network
-    assert set(link_local) | metadata <= set(_denied())
+    assert set(link_local) | metadata <= set(_denied(unit))
 
 
 def _metrics_port_of_the_examples() -> int:
@@ -258,9 +286,18 @@ def test_graceful_shutdown_fits_in_the_stop_timeout() -> None:
     assert Settings().shutdown_timeout < stop
 
 
-def test_credentials_match_what_settings_reads() -> None:
-    creds = [v.partition(":") for v in _directives(UNIT)["Service"]["LoadCredential"]]
-    assert [ident for ident, _, _ in creds] == ["database-url", "api-token", "oauth-client-secret"]
+@pytest.mark.parametrize(
+    ("unit", "idents"),
+    [
+        (UNIT, ["database-url", "api-token", "oauth-client-secret"]),
+        # The console gets its own URL only, never the relay's database-url or API secrets.
+        (WEB_UNIT, ["web-database-url"]),
+    ],
+    ids=["relay", "web"],
+)
+def test_credentials_match_what_settings_reads(unit: Path, idents: list[str]) -> None:
+    creds = [v.partition(":") for v in _directives(unit)["Service"]["LoadCredential"]]
+    assert [ident for ident, _, _ in creds] == idents
     source_code = SETTINGS_SOURCE.read_text(encoding="utf-8")
     for ident, _, source in creds:
         # Bare names (searched in /etc/credstore/ and skipped when absent), never absolute
@@ -409,3 +446,204 @@ def test_template_allows_one_metrics_port_per_instance() -> None:
     low, _, high = allowed.removeprefix("tcp:").partition("-")
     assert int(low) == _metrics_port_of_the_examples() and int(high) - int(low) + 1 >= 2
     assert _directives(TEMPLATE)["Service"]["SocketBindDeny"] == ["any"]
+
+
+# --- the audit console's unit -------------------------------------------------------------------
+
+# What outbox-relay-web.service sets differently from outbox-relay.service: how it starts and stops
+# (no sd_notify, no watchdog), its credential, its port, its memory. The sandboxing is the relay's,
+# line for line.
+WEB_OWN = {
+    "Description",
+    "Type",
+    "NotifyAccess",
+    "ExecStart",
+    "TimeoutStartSec",
+    "WatchdogSec",
+    "TimeoutStopSec",
+    "LoadCredential",
+    "SocketBindAllow",
+    "MemoryHigh",
+    "MemoryMax",
+}
+WEB_COMMAND = Path(settings_module.__file__).parent / "web" / "command.py"
+
+
+def test_web_unit_is_sandboxed_as_the_relays_unit() -> None:
+    unit, web = _directives(UNIT), _directives(WEB_UNIT)
+    assert web.keys() == unit.keys()
+    for section, directives in unit.items():
+        same = {k: v for k, v in web[section].items() if k not in WEB_OWN}
+        assert same == {k: v for k, v in directives.items() if k not in WEB_OWN}, section
+
+
+def test_web_unit_service_settings() -> None:
+    service = _directives(WEB_UNIT)["Service"]
+    expected = {
+        "Type": "exec",
+        "ExecStart": "/usr/local/bin/outbox-relay web",
+        "Restart": "on-failure",
+        "RestartPreventExitStatus": "2",
+        "KillSignal": "SIGTERM",
+        "DynamicUser": "yes",
+    }
+    for key, value in expected.items():
+        assert service.get(key) == [value], (key, service.get(key))
+    # The console sends no sd_notify: a watchdog or NotifyAccess= would kill or confuse it.
+    for key in ("WatchdogSec", "NotifyAccess", "PrivateNetwork", "IPAddressAllow"):
+        assert key not in service, key
+
+
+def _web_port_of_the_examples() -> set[int]:
+    config = re.findall(r'^# web_listen = "([^"]+)"$', CONFIG_EXAMPLE.read_text(encoding="utf-8"), re.M)
+    env = re.findall(r"^#RELAY_WEB_LISTEN=(\S+)$", ENV_EXAMPLE.read_text(encoding="utf-8"), re.M)
+    assert config and env, (config, env)
+    return {settings_module._metrics_listen(value)[1] for value in config + env}
+
+
+def test_web_binding_is_denied_but_for_the_consoles_default_port() -> None:
+    service = _directives(WEB_UNIT)["Service"]
+    port = Settings().web_listen[1]
+    assert service["SocketBindDeny"] == ["any"]
+    assert service["SocketBindAllow"] == [f"tcp:{port}"]
+    # The default is the port the examples show, and the comment says what to do for another one.
+    assert _web_port_of_the_examples() == {port}
+    assert "must change this line" in WEB_UNIT.read_text(encoding="utf-8")
+
+
+def test_web_graceful_shutdown_fits_in_the_stop_timeout() -> None:
+    """uvicorn lets open requests finish for timeout_graceful_shutdown seconds after SIGTERM."""
+    found = re.findall(r"timeout_graceful_shutdown=(\d+)", WEB_COMMAND.read_text(encoding="utf-8"))
+    assert len(found) == 1, found
+    stop = settings_module.parse_duration(
+        _directives(WEB_UNIT)["Service"]["TimeoutStopSec"][0], "TimeoutStopSec"
+    )
+    assert int(found[0]) < stop
+
+
+@pytest.fixture
+def auditor_login(pg_server: Server) -> Iterator[str]:
+    name = "unit_web_auditor"
+    with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"drop role if exists {name}")
+        admin.execute(f"create role {name} login password 'not-a-secret' in role outbox_auditor")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
+            admin.execute(f"drop owned by {name}")
+            admin.execute(f"drop role if exists {name}")
+
+
+def test_the_console_runs_as_the_unit_starts_it_and_stops_cleanly(
+    database_url: str, auditor_login: str, tmp_path: Path
+) -> None:
+    """The unit's environment (its config file, a credentials directory holding only
+    web-database-url): the console serves as that login, and SIGTERM ends it before
+    TimeoutStopSec with a status systemd counts as a clean stop, so Restart= does not fire."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    login = make_url(database_url).set(username=auditor_login, password="not-a-secret")
+    (creds / "web-database-url").write_text(login.render_as_string(hide_password=False), encoding="utf-8")
+    port = free_port()
+    env = {
+        "RELAY_CONFIG": str(CONFIG_EXAMPLE),
+        "CREDENTIALS_DIRECTORY": str(creds),
+        "RELAY_WEB_LISTEN": f"127.0.0.1:{port}",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out, log = tmp_path / "web.out", tmp_path / "web.log"
+    with out.open("wb") as out_file, log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "web"], env={**base, **env}, stdout=out_file, stderr=log_file
+        )
+    try:
+        announced = f"outbox-relay web: http://127.0.0.1:{port}/ (database role {auditor_login}: read only)"
+        started = wait_until(lambda: announced in out.read_text() or proc.poll() is not None, 30)
+        assert started and proc.poll() is None, out.read_text() + log.read_text()
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "read only" in page.text
+        stop = settings_module.parse_duration(
+            _directives(WEB_UNIT)["Service"]["TimeoutStopSec"][0], "TimeoutStopSec"
+        )
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(stop)
+        # systemd's clean exits: status 0 and death by SIGTERM (SuccessExitStatus= needs neither).
+        assert proc.returncode in (0, -signal.SIGTERM), (proc.returncode, log.read_text())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_the_console_without_its_credential_stops_the_unit(tmp_path: Path) -> None:
+    """No web-database-url (the relay's database-url is not passed to the console): exit status 2,
+    which RestartPreventExitStatus= turns into a stopped unit, with one line saying why."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    done = cli("web", env={"RELAY_CONFIG": str(CONFIG_EXAMPLE), "CREDENTIALS_DIRECTORY": str(creds)})
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("outbox-relay: no database configured") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+# What MemoryDenyWriteExecute= asks of the kernel, in the process itself: PR_SET_MDWE with
+# PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3+; systemd uses a seccomp filter to the same effect). The
+# wrapper proves the policy bites (a writable and executable mapping is refused), then runs the
+# command line as the unit does.
+_UNDER_MDWE = """
+import ctypes, mmap, os, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    print("no-mdwe", os.strerror(ctypes.get_errno()), flush=True)
+    raise SystemExit(0)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    print("w+x refused", flush=True)
+sys.argv = ["outbox-relay", *sys.argv[1:]]
+runpy.run_module("relay", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_console_serves_under_memory_deny_write_execute(
+    database_url: str, auditor_login: str, tmp_path: Path
+) -> None:
+    """MemoryDenyWriteExecute=yes would make the console fail at the first page that needs W+X
+    memory (a JIT, a ctypes trampoline, a C extension that writes code): every kind of page loads."""
+    login = make_url(database_url).set(username=auditor_login, password="not-a-secret")
+    port = free_port()
+    env = {
+        "RELAY_WEB_DATABASE_URL": login.render_as_string(hide_password=False),
+        "RELAY_WEB_LISTEN": f"127.0.0.1:{port}",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out, log = tmp_path / "web.out", tmp_path / "web.log"
+    with out.open("wb") as out_file, log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _UNDER_MDWE, "web"], env={**base, **env}, stdout=out_file, stderr=log_file
+        )
+    try:
+        wait_until(lambda: "outbox-relay web: http" in out.read_text() or proc.poll() is not None, 30)
+        if out.read_text().startswith("no-mdwe"):
+            pytest.skip(f"this kernel has no PR_SET_MDWE: {out.read_text().strip()}")
+        assert out.read_text().startswith("w+x refused\n"), out.read_text() + log.read_text()
+        assert proc.poll() is None, log.read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, follow_redirects=True) as web:
+            for path in (
+                "/",
+                "/chart.svg",
+                "/dead",
+                "/updates",
+                "/updates?state=dead",
+                "/updates.csv",
+                "/find?q=nothing-like-this",
+                "/static/console.css",
+            ):
+                answer = web.get(path)
+                assert answer.status_code == 200, (path, answer.status_code, log.read_text()[-2000:])
+        assert proc.poll() is None, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

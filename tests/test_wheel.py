@@ -69,3 +69,9 @@ def test_a_wheel_installed_outside_the_checkout_migrates_and_ships_its_docs(
     assert (
         venv / "share" / "outbox-relay" / "systemd" / "outbox-relay.service"
     ).read_bytes() == UNIT.read_bytes()
+    # Every file of systemd/ (the units, the console's included, and the examples), as it is.
+    shipped = sorted(path.name for path in (ROOT / "systemd").iterdir())
+    assert "outbox-relay-web.service" in shipped
+    for name in shipped:
+        installed_unit = venv / "share" / "outbox-relay" / "systemd" / name
+        assert installed_unit.read_bytes() == (ROOT / "systemd" / name).read_bytes(), name
