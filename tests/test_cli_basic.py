@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.relaykit import cli
 
@@ -101,3 +105,22 @@ def test_config_goes_before_or_after_the_command(database_url: str, tmp_path: Pa
     missing = cli("status", "--config", str(tmp_path / "missing.toml"))
     assert missing.returncode == 2
     assert missing.stderr.startswith(f"outbox-relay: config file {tmp_path / 'missing.toml'}: ")
+
+
+@pytest.mark.parametrize("args", [["web", "--new-token"], ["man"], ["completion", "bash"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(args: list[str]) -> None:
+    """`outbox-relay ... | head`: when the reader has gone, the command stops with 141 (what a
+    shell shows for SIGPIPE) and says nothing on stderr (it used to print `[Errno 32] Broken pipe`)."""
+    import shlex
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "relay", *args])
+    done = subprocess.run(
+        ["bash", "-c", f'{command} | true; echo "rc=${{PIPESTATUS[0]}}"'],
+        capture_output=True,
+        text=True,
+        env=base,
+        timeout=60,
+    )
+    assert done.stderr == ""
+    assert done.stdout.strip() == "rc=141"  # `true` has exited before Python even started writing

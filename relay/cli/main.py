@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -290,13 +291,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
         sys.stderr.write(f"outbox-relay: {exc}\n")
         return 1
 
 
+# What a shell shows for a program ended by SIGPIPE (128 + 13): `outbox-relay audit --csv | head`.
+EXIT_READER_GONE = 141
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`| head`): stop quietly, as a C program killed by
+    SIGPIPE would, and send what is still buffered nowhere, so the exit flush cannot fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
+
+
 def run() -> NoReturn:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.exit(code)
 
 
 __all__ = ["ConfigError", "build_parser", "main"]

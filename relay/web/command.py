@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 from relay.errors import ConfigError, RelayError, SchemaError
 from relay.settings import Secret, Settings, _metrics_listen, is_loopback_host
@@ -83,7 +85,12 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
             f"web: listening on {host}:{port} (not loopback) needs a sign-in token: set web_token_hash "
             "(RELAY_WEB_TOKEN_HASH) to what `outbox-relay web --new-token` prints"
         )
-    url = settings.web_database_url or settings.require_database_url()
+    url = settings.web_database_url or settings.database_url
+    if url is None:
+        raise ConfigError(
+            "web: no database configured: set RELAY_WEB_DATABASE_URL (web_database_url, or the "
+            "web-database-url credential), else RELAY_DATABASE_URL"
+        )
     require_web_stack()
     from relay.service.logs import configure_logging
 
@@ -91,7 +98,21 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_plain)
     sock = _bind(host, port)
-    return asyncio.run(serve(url, settings, sock))
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return asyncio.run(serve(url, settings, sock))
+    except _Stopped:
+        return 0  # SIGTERM (systemctl stop): open requests finished, connections closed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Stopped(Exception):
+    """SIGTERM, raised where uvicorn hands the signal back once it has stopped serving."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
 
 
 def _plain(record: logging.LogRecord) -> bool:
@@ -180,7 +201,10 @@ async def serve(
             lifespan="off",
             timeout_graceful_shutdown=5,
         )
-        await uvicorn.Server(config).serve(sockets=[sock])
+        try:
+            await uvicorn.Server(config).serve(sockets=[sock])
+        finally:
+            log.info("web console stopped")
         return 0
     finally:
         await store.close()
