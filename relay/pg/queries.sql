@@ -443,14 +443,29 @@ order by u.dead_at desc, u.id desc
 limit :limit
 
 -- ops_dead_count --
--- How many dead rows `dead list` (without its limit) or `dead retry` matches; the error code as
--- ops_dead_list reads it.
+-- How many dead rows `dead list` (without its limit) or `dead retry --all` matches; the error code
+-- as ops_dead_list reads it. Every column it reads is in action_status_updates_dead (0007): an
+-- index-only scan, never a visit of the dead rows scattered through the table (ops_dead_count_ids
+-- when action ids are named).
 select count(*) as n
 from outbox.action_status_updates u
 where u.state = 'dead'
   and (cast(:since as double precision) is null
        or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
-  and (cast(:action_ids as text[]) is null or u.action_id = any(cast(:action_ids as text[])))
+  and (cast(:target as text) is null or u.target = cast(:target as text))
+  and (cast(:code as text) is null or upper(coalesce(u.last_error_code, (
+        select d.error_code from outbox.delivery_attempts d
+        where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+      ))) = upper(cast(:code as text)))
+
+-- ops_dead_count_ids --
+-- The same for `dead retry ACTION_ID...`: through the action_id index.
+select count(*) as n
+from outbox.action_status_updates u
+where u.state = 'dead'
+  and u.action_id = any(cast(:action_ids as text[]))
+  and (cast(:since as double precision) is null
+       or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
   and (cast(:target as text) is null or u.target = cast(:target as text))
   and (cast(:code as text) is null or upper(coalesce(u.last_error_code, (
         select d.error_code from outbox.delivery_attempts d

@@ -711,13 +711,12 @@ class Store:
         since: float | None = None,
     ) -> int:
         """How many dead rows match, as :meth:`dead_list` filters them (without its limit)."""
-        params = {
-            "action_ids": list(action_ids) if action_ids else None,
-            "target": target,
-            "code": code,
-            "since": since,
-        }
-        return int((await self._rows("ops_dead_count", params))[0]["n"])
+        params: dict[str, Any] = {"target": target, "code": code, "since": since}
+        if action_ids:
+            rows = await self._rows("ops_dead_count_ids", {**params, "action_ids": list(action_ids)})
+        else:
+            rows = await self._rows("ops_dead_count", params)
+        return int(rows[0]["n"])
 
     async def dead_retry_batch(
         self,
