@@ -129,8 +129,8 @@ def test_the_dead_rows_pages_and_the_dry_run_count_never_visit_the_table(big: ps
         scans = [
             n for n in plan_nodes(row[0][0]["Plan"]) if n.get("Relation Name") == "action_status_updates"
         ]
-        assert [n["Node Type"] for n in scans] == ["Index Only Scan"], row[0]
-        assert scans[0]["Index Name"] == "action_status_updates_dead"
+        assert scans and {n["Node Type"] for n in scans} == {"Index Only Scan"}, row[0]
+        assert {n["Index Name"] for n in scans} == {"action_status_updates_dead"}
     counted = big.execute(
         driver_sql("ops_dead_count"), {"target": "default", "code": "order_in_wrong_state", "since": None}
     ).fetchone()

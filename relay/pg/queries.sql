@@ -444,19 +444,33 @@ limit :limit
 
 -- ops_dead_count --
 -- How many dead rows `dead list` (without its limit) or `dead retry --all` matches; the error code
--- as ops_dead_list reads it. Every column it reads is in action_status_updates_dead (0007): an
--- index-only scan, never a visit of the dead rows scattered through the table (ops_dead_count_ids
--- when action ids are named).
-select count(*) as n
-from outbox.action_status_updates u
-where u.state = 'dead'
-  and (cast(:since as double precision) is null
-       or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
-  and (cast(:target as text) is null or u.target = cast(:target as text))
-  and (cast(:code as text) is null or upper(coalesce(u.last_error_code, (
-        select d.error_code from outbox.delivery_attempts d
-        where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
-      ))) = upper(cast(:code as text)))
+-- as ops_dead_list reads it. Two counts: the rows whose last_error_code says the code, read from
+-- action_status_updates_dead alone (an index-only scan: it carries target, last_error_code and
+-- id), and the few rows an older relay left without one, whose last attempt is looked up. In one
+-- count, the planner priced that lookup on every dead row and chose to read the table (2.7 s at
+-- 10 M updates, against 26 ms).
+select (
+    select count(*)
+    from outbox.action_status_updates u
+    where u.state = 'dead'
+      and (cast(:since as double precision) is null
+           or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
+      and (cast(:target as text) is null or u.target = cast(:target as text))
+      and (cast(:code as text) is null or upper(u.last_error_code) = upper(cast(:code as text)))
+) + (
+    select count(*)
+    from outbox.action_status_updates u
+    where u.state = 'dead'
+      and cast(:code as text) is not null
+      and u.last_error_code is null
+      and (cast(:since as double precision) is null
+           or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
+      and (cast(:target as text) is null or u.target = cast(:target as text))
+      and upper((
+            select d.error_code from outbox.delivery_attempts d
+            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
+          )) = upper(cast(:code as text))
+) as n
 
 -- ops_dead_count_ids --
 -- The same for `dead retry ACTION_ID...`: through the action_id index.
