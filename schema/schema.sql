@@ -110,7 +110,13 @@ alter table outbox.action_status_updates set (
 create index action_status_updates_claimable
     on outbox.action_status_updates (target, next_attempt_at)
     where state in ('pending', 'in_flight');
-create index action_status_updates_action_id on outbox.action_status_updates (action_id);
+-- Actions found by id or by a prefix (action_id like 'abc%'): text_pattern_ops serves a LIKE prefix
+-- under any collation, and equality (0008).
+create index action_status_updates_action_id_pattern
+    on outbox.action_status_updates (action_id text_pattern_ops);
+-- The audit console's lists: newest first by (created_at, id), paged by keyset, by date range (0008).
+create index action_status_updates_created_at
+    on outbox.action_status_updates (created_at, id);
 create index action_status_updates_delivered_at
     on outbox.action_status_updates (delivered_at) where state = 'delivered';
 -- Dead rows, newest first, with what `status` and `dead list` read: no visit to the table (0007).

@@ -139,6 +139,14 @@ def test_every_schema_object_and_rule_is_documented() -> None:
     assert all(f"`{r}`" in surface for r in roles)
 
 
+def test_every_index_is_documented() -> None:
+    schema = (ROOT / "schema" / "schema.sql").read_text(encoding="utf-8")
+    indexes = set(re.findall(r"^create (?:unique )?index (\w+)", schema, re.MULTILINE))
+    assert {"action_status_updates_action_id_pattern", "action_status_updates_created_at"} <= indexes
+    surface = section("The SQL surface")
+    assert sorted(i for i in indexes if f"`{i}`" not in surface) == []
+
+
 def test_the_hint_postgres_gives_points_at_a_real_section() -> None:
     schema = (ROOT / "schema" / "schema.sql").read_text(encoding="utf-8")
     hint = re.search(r"See README\.md, \"([^\"]+)\"", schema)
