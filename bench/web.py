@@ -477,6 +477,15 @@ def pages(chosen: dict[str, Any], second: dict[str, str]) -> list[Request]:
     ]
 
 
+def _scan() -> int | None:
+    """The console's bound on the rows a filtered list reads per page (relay/web/data.py)."""
+    with contextlib.suppress(ImportError):
+        from relay.web.data import SCAN
+
+        return SCAN
+    return None
+
+
 def _query(fields: dict[str, str]) -> str:
     from urllib.parse import urlencode
 
@@ -640,6 +649,7 @@ def bench_web(ctx: Any) -> dict[str, Any]:
         "1% dead; targets 80/15/5%",
         "versions": {m: bl._version(m) for m in ("starlette", "uvicorn", "Jinja2", "httpx", "psycopg")},
         "measure_settings": "fsync on, synchronous_commit on, autovacuum on, shared_buffers 128MB",
+        "scan": _scan(),
     }
     consoles: dict[str, Console] = {}
     clients: dict[str, Any] = {}
@@ -731,8 +741,15 @@ def markdown(s: dict[str, Any]) -> list[str]:
         f"and empty in turn, {PAUSE * 1000:.0f} ms apart; median and p95. Target: {TARGET_MS:.0f} ms "
         '(the median; the p95 beside it). "statements": their time per request, from the server\'s '
         'log; "console CPU": the console process\'s.',
-        "",
     ]
+    scan = s.get("scan")
+    if scan and s.get("copied_to_empty", 0) + 1000 > scan:
+        lines[-1] += (
+            f" A list reads at most {scan:,} rows of its index per page (relay/web/data.py `SCAN`): "
+            "with the exported day copied, the empty database holds more, so the lists by "
+            "`created_at` read as many rows on both."
+        )
+    lines.append("")
     rows = []
     for p in s.get("pages", {}).values():
         big, empty = p["big"], p["empty"]
