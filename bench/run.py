@@ -13,7 +13,9 @@ The benchmarks (bench/README.md says more):
 - soak: 200,000 rows through one relay, its RSS along the way;
 - scale (bench/scale.py; not with --quick): a year of history (10 million updates, 30 million
   attempt rows), the claim and the operators' commands on it beside an empty database, one
-  retention cycle and the upgrade from 0005.
+  retention cycle and the upgrade from 0005;
+- web (bench/web.py; not with --quick): each page of the audit console (`outbox-relay web`) on the
+  scale step's year of history beside an empty database, against the 150 ms target.
 
 Figures are printed, never asserted. Each benchmark stops what it started, even on error.
 """
@@ -44,6 +46,7 @@ sys.path.insert(0, str(BENCH))
 
 import benchlib as bl  # noqa: E402
 import scale  # noqa: E402
+import web  # noqa: E402
 from benchlib import BenchError, say  # noqa: E402
 
 FULL = {
@@ -61,6 +64,7 @@ FULL = {
     "scale_updates": scale.SIZES["updates"],
     "scale_attempts": scale.SIZES["attempts"],
     "scale_upgrade_attempts": scale.SIZES["upgrade_attempts"],
+    "web_repeat": web.REPEAT,
 }
 QUICK = {
     "raw_seconds": 2.0,
@@ -78,7 +82,7 @@ QUICK = {
 PENDING_FOR_CLAIM = 1000
 CLAIM_LIMIT = 100
 LATENCY_RATE = 200.0
-BENCHES = ("raw", "drain", "latency", "claim", "soak", "scale")
+BENCHES = ("raw", "drain", "latency", "claim", "soak", "scale", "web")
 
 
 class Context:
@@ -750,6 +754,10 @@ def bench_scale(ctx: Context) -> dict[str, Any]:
     return scale.bench_scale(ctx, measure_claims)
 
 
+def bench_web(ctx: Context) -> dict[str, Any]:
+    return web.bench_web(ctx)
+
+
 # == soak ======================================================================================
 def bench_soak(ctx: Context) -> dict[str, Any]:
     import psycopg
@@ -1162,6 +1170,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += table(["self %", "function"], [[p, f"`{f}`"] for f, p in prof["self"][:12]])
     if r.get("scale"):
         lines += scale.markdown(r["scale"])
+    if r.get("web"):
+        lines += web.markdown(r["web"])
     if report["errors"]:
         lines += ["", "## Benchmarks that failed", ""]
         lines += [f"- {e['bench']}: {e['error']}" for e in report["errors"]]
@@ -1226,6 +1236,12 @@ def main() -> int:
         help="scale step: attempt rows of the 0005 database that `migrate` upgrades "
         "(default %(default)s; 0: skip)",
     )
+    parser.add_argument(
+        "--web-repeat",
+        type=int,
+        default=web.REPEAT,
+        help=f"web step: requests per page and database, after {web.WARMUP} warm-ups (default %(default)s)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (relay logs, raw data)")
     parser.add_argument("--out", default=str(bl.RESULTS), help="directory for latest.json and latest.md")
     args = parser.parse_args()
@@ -1236,14 +1252,16 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (20.0 if args.quick else 60.0)
-    if args.quick and "scale" in only:
-        only.remove("scale")
-        say("scale: skipped with --quick")
+    for step in ("scale", "web"):
+        if args.quick and step in only:
+            only.remove(step)
+            say(f"{step}: skipped with --quick")
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update(
         scale_updates=args.scale_updates,
         scale_attempts=args.scale_attempts,
         scale_upgrade_attempts=args.scale_upgrade_attempts,
+        web_repeat=args.web_repeat,
     )
     ctx = Context(sizes, args.profile, quiet_wait)
     started = time.monotonic()
@@ -1275,6 +1293,7 @@ def main() -> int:
             ("soak", bench_soak),
             ("claim", bench_claim),
             ("scale", bench_scale),
+            ("web", bench_web),
         ]
         for name, step in steps:
             if name in only:
@@ -1327,6 +1346,15 @@ def main() -> int:
             kept = bl.md_section((out / "latest.md").read_text(), scale.SECTION)
             if kept:
                 text = bl.put_md_section(text, scale.SECTION, kept)
+    if "web" in ctx.results:  # the web step's figures also on their own, kept like the scale step's
+        web_report = {k: report[k] for k in ("mode", "started_at", "machine")}
+        web_report.update(results=ctx.results["web"], targets=web.targets(ctx.results["web"]))
+        (out / "web.json").write_text(json.dumps(web_report, indent=2, default=str) + "\n")
+    else:
+        with contextlib.suppress(OSError):
+            kept = bl.md_section((out / "latest.md").read_text(), web.SECTION)
+            if kept:
+                text = bl.put_md_section(text, web.SECTION, kept)
     (out / "latest.md").write_text(text)
     print()
     print(text)
