@@ -584,7 +584,9 @@ def test_the_console_without_its_credential_stops_the_unit(tmp_path: Path) -> No
     creds.mkdir()
     done = cli("web", env={"RELAY_CONFIG": str(CONFIG_EXAMPLE), "CREDENTIALS_DIRECTORY": str(creds)})
     assert done.returncode == 2, done
-    assert done.stderr.startswith("outbox-relay: web: no database configured") and done.stderr.count("\n") == 1
+    assert (
+        done.stderr.startswith("outbox-relay: web: no database configured") and done.stderr.count("\n") == 1
+    )
     assert "Traceback" not in done.stderr
 
 
