@@ -418,7 +418,9 @@ async def test_a_page_that_reads_its_whole_scan_says_where_it_stopped_and_goes_o
         for _ in range(40):
             page = await data.updates_page(store, flt, cursor, page=2, scan=7)
             seen += [int(r["id"]) for r in page.rows]
-            stops += page.stopped_at is not None
+            if page.stopped_at is not None:
+                stops += 1
+                assert page.scanned == 7
             cursor = page.next_cursor
             if cursor is None:
                 break

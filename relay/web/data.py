@@ -39,7 +39,8 @@ class Capabilities:
 class Page:
     rows: list[dict[str, Any]]
     next_cursor: Cursor | None = None
-    stopped_at: datetime | None = None  # read SCAN rows back to this time without filling the page
+    stopped_at: datetime | None = None  # read `scanned` rows back to this time without filling the page
+    scanned: int = 0
 
 
 @dataclass
@@ -128,7 +129,8 @@ async def updates_page(
         last = hits[page - 1]
         return Page(hits[:page], Cursor(last["position_at"], int(last["id"])))
     if edge is not None:  # read `scan` rows without filling the page: go on from the oldest read
-        return Page(hits, Cursor(edge["position_at"], int(edge["id"])), stopped_at=edge["position_at"])
+        cursor = Cursor(edge["position_at"], int(edge["id"]))
+        return Page(hits, cursor, stopped_at=edge["position_at"], scanned=scan)
     return Page(hits)
 
 
