@@ -212,3 +212,31 @@ def web_console(env: dict[str, str], log_path: Path, listen: str | None = None) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+LOGIN_PASSWORD = "not-a-secret"
+
+
+@contextlib.contextmanager
+def login_roles(admin_url: str, members: dict[str, str | None]) -> Iterator[dict[str, str]]:
+    """Login roles as a deployment makes them (``create role NAME login ... in role GROUP``), for
+    ``{login: group}`` (None: a member of no group); dropped afterwards with what they own."""
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for login, group in members.items():
+            admin.execute(f"drop role if exists {login}")
+            member = f" in role {group}" if group else ""
+            admin.execute(f"create role {login} login password '{LOGIN_PASSWORD}'{member}")
+    try:
+        yield {login: login for login in members}
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            for login in members:
+                admin.execute(f"drop owned by {login}")
+                admin.execute(f"drop role if exists {login}")
+
+
+def url_as(database_url: str, login: str) -> str:
+    """``database_url`` with the login of :func:`login_roles` instead of its user."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(database_url).set(username=login, password=LOGIN_PASSWORD).render_as_string(False)

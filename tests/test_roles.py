@@ -16,7 +16,6 @@ from pathlib import Path
 import psycopg
 import psycopg.errors
 import pytest
-from sqlalchemy.engine import make_url
 
 from relay.cli.ops import purge, retry_dead
 from relay.core.retention import cycle
@@ -25,7 +24,16 @@ from relay.pg.migrations import available, migrate
 from relay.pg.store import AttemptRecord, RowResult, Store
 from relay.settings import Secret
 from tests.conftest import Server
-from tests.relaykit import relay_env, sample_updates, seed_rows, start_relay_process, states, wait_until
+from tests.relaykit import (
+    login_roles,
+    relay_env,
+    sample_updates,
+    seed_rows,
+    start_relay_process,
+    states,
+    url_as,
+    wait_until,
+)
 
 GROUPS = ("outbox_writer", "outbox_relay", "outbox_operator", "outbox_auditor")
 Logins = dict[str, str]  # group role (or "outsider") -> login role
@@ -37,24 +45,9 @@ def logins(pg_server: Server) -> Iterator[Logins]:
     tag = uuid.uuid4().hex[:8]
     names = {group: f"t_{group.removeprefix('outbox_')}_{tag}" for group in GROUPS}
     names["outsider"] = f"t_outsider_{tag}"
-    with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-        for group, login in names.items():
-            member = "" if group == "outsider" else f" in role {group}"
-            admin.execute(f"create role {login} login password 'not-a-secret'{member}")
-    try:
+    members = {login: (None if group == "outsider" else group) for group, login in names.items()}
+    with login_roles(pg_server.admin_url, members):
         yield names
-    finally:
-        with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-            for login in names.values():
-                admin.execute(f"drop role if exists {login}")
-
-
-def url_as(database_url: str, login: str) -> str:
-    return (
-        make_url(database_url)
-        .set(username=login, password="not-a-secret")
-        .render_as_string(hide_password=False)
-    )
 
 
 def seed(db: psycopg.Connection) -> dict[str, int]:

@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 from relay import settings as settings_module
 from relay.settings import DEFAULT_TARGET, Settings, TargetSettings, load_settings
 from tests.conftest import Server
-from tests.relaykit import cli, free_port, wait_until
+from tests.relaykit import cli, free_port, login_roles, wait_until
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "outbox-relay.service"
@@ -523,16 +522,8 @@ def test_web_graceful_shutdown_fits_in_the_stop_timeout() -> None:
 
 @pytest.fixture
 def auditor_login(pg_server: Server) -> Iterator[str]:
-    name = "unit_web_auditor"
-    with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-        admin.execute(f"drop role if exists {name}")
-        admin.execute(f"create role {name} login password 'not-a-secret' in role outbox_auditor")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-            admin.execute(f"drop owned by {name}")
-            admin.execute(f"drop role if exists {name}")
+    with login_roles(pg_server.admin_url, {"unit_web_auditor": "outbox_auditor"}):
+        yield "unit_web_auditor"
 
 
 def test_the_console_runs_as_the_unit_starts_it_and_stops_cleanly(

@@ -28,7 +28,7 @@ from relay.settings import Secret
 from relay.web import data, forms
 from relay.web.chart import per_minute_svg
 from tests.conftest import TEMPLATE, Server, _scratch_database
-from tests.relaykit import cli, free_port, web_console
+from tests.relaykit import cli, free_port, login_roles, url_as, web_console
 
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -98,10 +98,6 @@ def text_of(html: str) -> str:
 
 def env_for(url: str, **extra: str) -> dict[str, str]:
     return {"RELAY_DATABASE_URL": url, "RELAY_LOG_LEVEL": "INFO", **extra}
-
-
-def url_as(database_url: str, login: str) -> str:
-    return make_url(database_url).set(username=login, password="not-a-secret").render_as_string(False)
 
 
 # -- one console over a seeded database, for the read-only checks ---------------------------
@@ -544,16 +540,8 @@ def test_redrive_of_a_group_counts_first_then_takes_the_group(
 
 @pytest.fixture
 def auditor(pg_server: Server) -> Iterator[str]:
-    name = "web_auditor_login"
-    with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-        admin.execute(f"drop role if exists {name}")
-        admin.execute(f"create role {name} login password 'not-a-secret' in role outbox_auditor")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-            admin.execute(f"drop owned by {name}")
-            admin.execute(f"drop role if exists {name}")
+    with login_roles(pg_server.admin_url, {"web_auditor_login": "outbox_auditor"}):
+        yield "web_auditor_login"
 
 
 def test_an_auditors_console_shows_no_redrive_and_refuses_one(

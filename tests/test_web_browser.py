@@ -28,17 +28,18 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
-from sqlalchemy.engine import make_url
 
 from relay.dev.sandbox.server import Sandbox, SandboxConfig
 from tests.conftest import TEMPLATE, Server
 from tests.hostile_api import Behaviour, HostileApi
 from tests.relaykit import (
+    login_roles,
     relay_env,
     sample_updates,
     seed_rows,
     start_relay_process,
     states,
+    url_as,
     wait_until,
     web_console,
 )
@@ -234,23 +235,8 @@ def logins(pg_server: Server) -> Iterator[dict[str, str]]:
     names = {
         group: f"web_{group.removeprefix('outbox_')}_{tag}" for group in ("outbox_operator", "outbox_auditor")
     }
-    with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-        for group, login in names.items():
-            admin.execute(f"create role {login} login password 'not-a-secret' in role {group}")
-    try:
+    with login_roles(pg_server.admin_url, {login: group for group, login in names.items()}):
         yield names
-    finally:
-        with psycopg.connect(pg_server.admin_url, autocommit=True) as admin:
-            for login in names.values():
-                admin.execute(f"drop role if exists {login}")
-
-
-def url_as(database_url: str, login: str) -> str:
-    return (
-        make_url(database_url)
-        .set(username=login, password="not-a-secret")
-        .render_as_string(hide_password=False)
-    )
 
 
 # -- the auditor's and the operator's checks ------------------------------------------------------
