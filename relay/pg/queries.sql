@@ -448,7 +448,7 @@ limit :limit
 -- action_status_updates_dead alone (an index-only scan: it carries target, last_error_code and
 -- id), and the few rows an older relay left without one, whose last attempt is looked up. In one
 -- count, the planner priced that lookup on every dead row and chose to read the table (2.7 s at
--- 10 M updates, against 26 ms).
+-- 10 M updates, against 21 ms).
 select (
     select count(*)
     from outbox.action_status_updates u
@@ -459,17 +459,24 @@ select (
       and (cast(:code as text) is null or upper(u.last_error_code) = upper(cast(:code as text)))
 ) + (
     select count(*)
-    from outbox.action_status_updates u
-    where u.state = 'dead'
-      and cast(:code as text) is not null
-      and u.last_error_code is null
-      and (cast(:since as double precision) is null
-           or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
-      and (cast(:target as text) is null or u.target = cast(:target as text))
-      and upper((
-            select d.error_code from outbox.delivery_attempts d
-            where d.update_id = u.id order by d.attempt desc, d.id desc limit 1
-          )) = upper(cast(:code as text))
+    from (
+        -- OFFSET 0 plans this scan on its own, without the attempt lookup's cost per row: the
+        -- statistics see last_error_code null on nearly every row (delivered ones have none), and
+        -- priced that way the planner read the table through a bitmap (1.3 s at 10 M updates).
+        select u.id
+        from outbox.action_status_updates u
+        where u.state = 'dead'
+          and cast(:code as text) is not null
+          and u.last_error_code is null
+          and (cast(:since as double precision) is null
+               or u.dead_at >= now() - make_interval(secs => cast(:since as double precision)))
+          and (cast(:target as text) is null or u.target = cast(:target as text))
+        offset 0
+    ) uncoded
+    where upper((
+        select d.error_code from outbox.delivery_attempts d
+        where d.update_id = uncoded.id order by d.attempt desc, d.id desc limit 1
+    )) = upper(cast(:code as text))
 ) as n
 
 -- ops_dead_count_ids --
