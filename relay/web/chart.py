@@ -56,8 +56,9 @@ def per_minute_svg(rows: Sequence[Mapping[str, Any]]) -> str:
     step = (WIDTH - LEFT - 8) / n
     for i, r in enumerate(rows):
         minute: datetime = r["minute"]
-        if minute.astimezone(UTC).minute == 0 and minute.astimezone(UTC).hour % 3 == 0:
-            x = LEFT + i * step
+        x = LEFT + i * step
+        # an hour mark every 3 hours, but none so near the right edge that its label would be cut
+        if minute.astimezone(UTC).minute == 0 and minute.astimezone(UTC).hour % 3 == 0 and x < WIDTH - 24:
             label = minute.astimezone(UTC).strftime("%H:%M")
             parts.append(
                 f'<line x1="{x:.1f}" y1="{GAP}" x2="{x:.1f}" y2="{height - BOTTOM}" stroke="#ddd"/>'
