@@ -240,6 +240,14 @@ def test_find_by_prefix_takes_like_characters_literally(browser: httpx.Client) -
     assert found("a") == ["a%b-1", "a\\b-4", "a_b-2", "axb-3"]
 
 
+def test_the_longest_list_the_search_takes_reaches_it(browser: httpx.Client) -> None:
+    """200 action ids of 255 characters (a 51 KB query string) are read, not refused by the server."""
+    ids = [f"{i:03d}-" + "x" * 251 for i in range(forms.MAX_IDS)]
+    page = browser.get("/find", params={"q": " ".join(ids)})
+    assert page.status_code == 200
+    assert f"Not found ({forms.MAX_IDS})" in page.text
+
+
 def test_a_pasted_list_shows_what_was_found_and_names_what_was_not(browser: httpx.Client) -> None:
     page = browser.get("/find", params={"q": "row-001, row-002\nnot-there\trow-003"}).text
     assert sorted(re.findall(r">(row-00\d)</a>", page)) == ["row-001", "row-002", "row-003"]
