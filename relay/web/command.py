@@ -205,8 +205,6 @@ async def serve(
             proxy_headers=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
-            # a pasted list of 200 action ids of up to 255 characters travels in the query string
-            h11_max_incomplete_event_size=128 * 1024,
         )
         try:
             await uvicorn.Server(config).serve(sockets=[sock])
