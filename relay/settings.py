@@ -586,7 +586,8 @@ def web_token_hash(value: str, name: str = "web_token_hash") -> str:
     return text
 
 
-def _metrics_listen(value: str, name: str = "metrics_listen") -> tuple[str, int]:
+def host_port(value: str, name: str = "metrics_listen") -> tuple[str, int]:
+    """``host:port`` (metrics_listen, web_listen, --listen); an empty host is 127.0.0.1."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{name}: expected host:port, got {value!r}")
@@ -852,7 +853,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
     if top.get("relay_id"):
         extra["relay_id"] = str(top["relay_id"])
     if top.get("web_listen"):
-        extra["web_listen"] = _metrics_listen(str(top["web_listen"]), label("web_listen"))
+        extra["web_listen"] = host_port(str(top["web_listen"]), label("web_listen"))
     return Settings(
         database_url=database_url,
         listen_database_url=listen_database_url,
@@ -870,7 +871,7 @@ def load_settings(config: str | None = None, environ: Mapping[str, str] | None =
         lease=ranged("lease", top.get("lease"), label("lease")),
         shutdown_timeout=ranged("shutdown_timeout", top.get("shutdown_timeout"), label("shutdown_timeout")),
         metrics_listen=(
-            _metrics_listen(str(top["metrics_listen"]), label("metrics_listen"))
+            host_port(str(top["metrics_listen"]), label("metrics_listen"))
             if top.get("metrics_listen")
             else None
         ),

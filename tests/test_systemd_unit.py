@@ -265,7 +265,7 @@ def test_ip_deny_list_holds_only_link_local_and_metadata_prefixes(unit: Path) ->
 def _metrics_port_of_the_examples() -> int:
     config = re.findall(r'^# metrics_listen = "([^"]+)"$', CONFIG_EXAMPLE.read_text(encoding="utf-8"), re.M)
     env = re.findall(r"e\.g\. (\S+:\d+)\. Default: off", ENV_EXAMPLE.read_text(encoding="utf-8"))
-    ports = {settings_module._metrics_listen(value)[1] for value in config + env}
+    ports = {settings_module.host_port(value)[1] for value in config + env}
     assert len(ports) == 1 and config and env, (config, env)
     return ports.pop()
 
@@ -497,7 +497,7 @@ def _web_port_of_the_examples() -> set[int]:
     config = re.findall(r'^# web_listen = "([^"]+)"$', CONFIG_EXAMPLE.read_text(encoding="utf-8"), re.M)
     env = re.findall(r"^#RELAY_WEB_LISTEN=(\S+)$", ENV_EXAMPLE.read_text(encoding="utf-8"), re.M)
     assert config and env, (config, env)
-    return {settings_module._metrics_listen(value)[1] for value in config + env}
+    return {settings_module.host_port(value)[1] for value in config + env}
 
 
 def test_web_binding_is_denied_but_for_the_consoles_default_port() -> None:

@@ -113,7 +113,9 @@ class DeadLetter(TypedDict):
 
 
 # -- status ---------------------------------------------------------------------------------
-async def collect_status(store: Store, now: datetime | None = None) -> Status:
+async def collect_status(
+    store: Store, now: datetime | None = None, live: list[dict[str, Any]] | None = None
+) -> Status:
     """What ``status --json`` prints.
 
     A target is paused when a live relay reports it ``paused`` or ``probing`` (a probe decides
@@ -132,7 +134,8 @@ async def collect_status(store: Store, now: datetime | None = None) -> Status:
         raise SchemaError("the outbox schema is missing: run `outbox-relay migrate`")
     now = now or datetime.now(UTC)
     counts = {r["target"]: r for r in await store.status_targets()}
-    live = await store.live_relays(FRESH_HEARTBEAT)
+    if live is None:  # the web overview reads them itself, for its per-target rows
+        live = await store.live_relays(FRESH_HEARTBEAT)
     names = sorted(set(counts) | {r["target"] for r in live})
     targets: list[TargetStatus] = []
     for name in names:

@@ -19,6 +19,14 @@ from typing import Any
 ELLIPSIS = "…"
 
 
+INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (bidi overrides), surrogate, private, unassigned
+
+
+def escaped(ch: str) -> str:
+    """A character shown as its escape: ``\\x1b``, ``\\u202e``."""
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+
 def clean(value: object, limit: int | None = None) -> str:
     """``value`` as one printable line: whitespace runs become one space, other control and
     format characters are escaped; cut to ``limit`` characters with an ellipsis."""
@@ -30,8 +38,8 @@ def clean(value: object, limit: int | None = None) -> str:
         if ch.isspace():
             if out and out[-1] != " ":
                 out.append(" ")
-        elif kind in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        elif kind in INVISIBLE:
+            out.append(escaped(ch))
         else:
             out.append(ch)
     text = "".join(out).strip()

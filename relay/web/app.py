@@ -137,8 +137,8 @@ class Console:
 
     # -- pages -----------------------------------------------------------------------------
     async def overview(self, request: Request) -> Response:
-        status = await collect_status(self.store)
         live = await self.store.live_relays(FRESH_HEARTBEAT)
+        status = await collect_status(self.store, live=live)
         caps = await data.capabilities(self.store)
         totals = {
             state: sum(int(t[state]) for t in status["targets"])
@@ -248,8 +248,8 @@ class Console:
         caps = await self.may_redrive()  # the role first: an auditor's console refuses any redrive
         fields = await self.form(request)
         ids, target, code = self._redrive_scope(fields)
-        count = await data.redrive_count(self.store, ids=ids, target=target, code=code)
         selected = await data.dead_selected(self.store, ids) if ids else []
+        count = len(selected) if ids else await self.store.dead_count(target=target, code=code)
         return self.page(
             request,
             "redrive_preview.html",
@@ -269,10 +269,7 @@ class Console:
         why = forms.reason(self.first(fields))
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         kept = f"{why} (by the web console, from {client(request)}, at {stamp})"
-        try:
-            done = await data.redrive(self.store, ids=ids, target=target, code=code, reason=kept)
-        except PermissionDenied as exc:
-            raise Forbidden(str(exc)) from None
+        done = await data.redrive(self.store, ids=ids, target=target, code=code, reason=kept)
         said = {"scope": "selected" if ids else "filter", "target": target, "code": code}
         log.info(
             "dead updates re-queued from the web console",

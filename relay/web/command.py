@@ -17,7 +17,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from relay.errors import ConfigError, RelayError, SchemaError
-from relay.settings import Secret, Settings, _metrics_listen, is_loopback_host
+from relay.settings import Secret, Settings, host_port, is_loopback_host
 
 log = logging.getLogger("relay.web")
 
@@ -48,9 +48,10 @@ examples:
   RELAY_WEB_TOKEN_HASH=sha256:... outbox-relay web --listen 0.0.0.0:8089"""
 
 
-def _listen(text: str) -> tuple[str, int]:
+def listen_address(text: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` (also ``demo --web``), a usage error when malformed."""
     try:
-        return _metrics_listen(text, "--listen")
+        return host_port(text, "--listen")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--listen: ")) from None
 
@@ -59,7 +60,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("web", cmd_web, HELP, DESCRIPTION)
     p.add_argument(
         "--listen",
-        type=_listen,
+        type=listen_address,
         metavar="HOST:PORT",
         help="where to serve (default: web_listen, else 127.0.0.1:8089); not loopback: needs web_token_hash",
     )
@@ -97,7 +98,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_plain)
-    sock = _bind(host, port)
+    sock = bind(host, port)
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return asyncio.run(serve(url, settings, sock))
@@ -135,10 +136,6 @@ def require_web_stack() -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     """The console's listening socket (bound here, so a taken port is one line, not a traceback)."""
-    return _bind(host, port)
-
-
-def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family, reuse_port=False)

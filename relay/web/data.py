@@ -146,13 +146,6 @@ async def per_minute(store: Store, minutes: int = CHART_MINUTES) -> list[dict[st
     return await store.fetch(QUERIES, "web_per_minute", {"minutes": minutes})
 
 
-async def redrive_count(store: Store, *, ids: Sequence[int], target: str | None, code: str | None) -> int:
-    """How many dead updates a redrive would re-queue now (the dry run)."""
-    if ids:
-        return len(await dead_selected(store, ids))
-    return await store.dead_count(target=target, code=code)
-
-
 async def redrive(
     store: Store, *, ids: Sequence[int], target: str | None, code: str | None, reason: str
 ) -> Requeued:

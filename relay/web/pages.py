@@ -8,34 +8,25 @@ characters as ``\\uXXXX`` so a crafted id cannot reorder or hide what is on the 
 from __future__ import annotations
 
 import unicodedata
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import jinja2
 
+from relay.cli.report import INVISIBLE, escaped, when
 from relay.durations import human_duration
 
 
 def visible(value: object) -> str:
-    """``value`` as text with control, format (bidi overrides included) and unassigned
-    characters shown as escapes; None as ``-``. Line breaks are kept (bodies are shown in <pre>)."""
+    """``value`` as text with control, format (bidi overrides included) and unassigned characters
+    shown as escapes, as the command line shows them (:mod:`relay.cli.report`), and line and
+    paragraph separators too; None as ``-``. Line breaks and tabs are kept (bodies are in <pre>)."""
     if value is None:
         return "-"
-    out: list[str] = []
-    for ch in str(value):
-        if ch in "\n\t":
-            out.append(ch)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def when(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    hidden = (*INVISIBLE, "Zl", "Zp")
+    return "".join(
+        escaped(ch) if ch not in "\n\t" and unicodedata.category(ch) in hidden else ch for ch in str(value)
+    )
 
 
 def age(value: float | timedelta | None) -> str:

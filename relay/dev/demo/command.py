@@ -749,7 +749,7 @@ WEB_PORT = 8089
 
 
 def _listen(text: str) -> tuple[str, int]:
-    from relay.web.command import _listen as parse
+    from relay.web.command import listen_address as parse
 
     host, port = parse(text)
     if not is_loopback_host(host):
