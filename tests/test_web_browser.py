@@ -26,6 +26,7 @@ from selenium.common.exceptions import NoAlertPresentException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -124,7 +125,23 @@ def find_by_search_box(browser: WebDriver, base: str, text: str) -> None:
     browser.get(base)
     browser.find_element(By.ID, "q").send_keys(text)
     browser.find_element(By.CSS_SELECTOR, "header form.search button[type=submit]").click()
-    WebDriverWait(browser, 10).until(lambda b: "/updates/" in b.current_url)
+    WebDriverWait(browser, 30).until(
+        lambda b: "/updates/" in b.current_url and b.find_elements(By.ID, "action-id")
+    )
+
+
+def submit(browser: WebDriver, button_id: str, shows: str) -> WebElement:
+    """Click a form's button and wait for the page it leads to, which has an element `shows`.
+
+    A click returns once the browser has sent the form, not once the answer is shown; the
+    element to look for exists only on the next page."""
+    browser.find_element(By.ID, button_id).click()
+    try:
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, shows))
+    except TimeoutException:
+        page = browser.find_element(By.TAG_NAME, "body").text
+        pytest.fail(f"no #{shows} after clicking #{button_id}; {browser.current_url} shows: {page[:2000]}")
+    return browser.find_element(By.ID, shows)
 
 
 def form_post(base: str, path: str, cookie: str, fields: dict[str, Any]) -> httpx.Response:
@@ -400,13 +417,11 @@ def test_ten_dead_letters_redriven_with_a_reason_are_delivered_by_a_running_rela
                     browser.find_element(
                         By.CSS_SELECTOR, f"input[type=checkbox][value='{ids[action_id]}']"
                     ).click()
-                browser.find_element(By.ID, "redrive-selected").click()
-                assert browser.find_element(By.ID, "count").text == "10"
+                assert submit(browser, "redrive-selected", shows="count").text == "10"
                 listed = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "ul.selected a")]
                 assert sorted(listed) == chosen
                 browser.find_element(By.ID, "reason").send_keys(reason)
-                browser.find_element(By.ID, "confirm").click()
-                assert browser.find_element(By.ID, "requeued").text == "10"
+                assert submit(browser, "confirm", shows="requeued").text == "10"
 
                 def delivered() -> int:
                     sql = "select count(*) from outbox.action_status_updates where state = 'delivered'"
