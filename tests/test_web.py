@@ -581,6 +581,32 @@ def test_an_auditors_console_shows_no_redrive_and_refuses_one(
     assert {row_states(db)[i] for i in ids} == {"dead"}
 
 
+def test_a_privilege_taken_while_the_console_runs_is_a_403_page_that_says_so(
+    database_url: str, db: psycopg.Connection, pg_server: Server, tmp_path: Path, auditor: str
+) -> None:
+    """The auditor's role is revoked from the console's login while it runs: each page is the
+    database's refusal as a 403 naming the login (not a 503 or a 500), and the console keeps
+    serving once the role is granted back."""
+    ids = dead_rows(db, 1)
+    env = env_for(url_as(database_url, auditor))
+    with (
+        web_console(env, tmp_path / "web.log") as address,
+        httpx.Client(base_url=address, timeout=30) as web,
+        psycopg.connect(pg_server.admin_url, autocommit=True) as admin,
+    ):
+        assert web.get(f"/updates/{ids[0]}").status_code == 200
+        admin.execute(f"revoke outbox_auditor from {auditor}")
+        try:
+            for path in ("/", f"/updates/{ids[0]}", "/updates?state=dead", "/dead"):
+                answer = web.get(path)
+                assert answer.status_code == 403, (path, answer.status_code)
+                said = unescape(answer.text)
+                assert "permission denied" in said and auditor in said, said
+        finally:
+            admin.execute(f"grant outbox_auditor to {auditor}")
+        assert web.get(f"/updates/{ids[0]}").status_code == 200
+
+
 # -- signing in ------------------------------------------------------------------------------
 TOKEN = "correct-horse-battery-staple-token-0123456789"
 TOKEN_HASH = "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()

@@ -366,19 +366,16 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
         return console.error_page(request, status, str(detail))
 
     async def refused(request: Request, exc: Exception) -> Response:
-        status = exc.http_status if isinstance(exc, Refused) else 400
+        """A request refused (400, 403, 404, 413), or a privilege the database role lacks (403)."""
+        status = exc.http_status if isinstance(exc, Refused) else 403
         return console.error_page(request, status, str(exc))
 
-    def handler(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
-        async def handle(request: Request, exc: Exception) -> Response:
-            if status >= 500:  # the driver's message may name hosts and users: the log only
-                log.error("web page failed", extra={"path": request.url.path, "error": str(exc)})
-                return console.error_page(
-                    request, status, "the database did not answer this page; the console's log says why"
-                )
-            return console.error_page(request, status, str(exc))
-
-        return handle
+    async def failed(request: Request, exc: Exception) -> Response:
+        # the driver's message may name hosts and users: the log only
+        log.error("web page failed", extra={"path": request.url.path, "error": str(exc)})
+        return console.error_page(
+            request, 503, "the database did not answer this page; the console's log says why"
+        )
 
     routes = [
         Route("/", console.overview),
@@ -403,7 +400,7 @@ def create_app(store: Store, guard: Guard, *, loopback_only: bool) -> Starlette:
         exception_handlers={
             HTTPException: http_error,
             Refused: refused,
-            PermissionDenied: handler(403),
-            RelayError: handler(503),
+            PermissionDenied: refused,
+            RelayError: failed,
         },
     )
