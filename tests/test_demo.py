@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,27 @@ def demo(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=timeout,
     )
+
+
+@contextmanager
+def demo_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """The demo running, its output (stderr too) a pipe to read line by line; killed if the test
+    leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", *args],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
@@ -193,18 +215,9 @@ def test_human_output_walks_the_seven_steps_and_cleans_up(scratch: Path) -> None
 
 def test_ctrl_c_while_the_relay_runs_still_cleans_up(scratch: Path) -> None:
     folder = scratch / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "demo", "--rows", "1500", "--data-dir", str(folder)],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+    with demo_process("--rows", "1500", "--data-dir", str(folder)) as proc:
+        lines: list[str] = []
+        for line in proc.stdout or ():
             lines.append(line)
             if line.startswith("[5/7]"):
                 proc.send_signal(signal.SIGINT)
@@ -218,10 +231,6 @@ def test_ctrl_c_while_the_relay_runs_still_cleans_up(scratch: Path) -> None:
         assert not folder.exists()
         port = int(re.search(r"PostgreSQL started on 127\.0\.0\.1:(\d+)", out).group(1))  # type: ignore[union-attr]
         assert _refused(port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_web_leaves_the_console_on_the_demos_data_until_ctrl_c(scratch: Path) -> None:
@@ -233,29 +242,9 @@ def test_web_leaves_the_console_on_the_demos_data_until_ctrl_c(scratch: Path) ->
 
     folder = scratch / "demo"
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "demo",
-            "--rows",
-            "60",
-            "--data-dir",
-            str(folder),
-            "--web",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+    with demo_process("--rows", "60", "--data-dir", str(folder), "--web", f"127.0.0.1:{port}") as proc:
+        lines: list[str] = []
+        for line in proc.stdout or ():
             lines.append(line)
             if "dead letters: http" in line:
                 break
@@ -278,10 +267,6 @@ def test_web_leaves_the_console_on_the_demos_data_until_ctrl_c(scratch: Path) ->
         assert "Traceback" not in out
         assert not folder.exists()
         assert _refused(port)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize(
