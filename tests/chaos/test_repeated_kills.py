@@ -1,6 +1,10 @@
 """The public job-queue chaos benchmark's repeated-kill scenario, ported: kill -9 one of two
 relays every 20 s and start it again, under a steady load, with the default lease (60 s).
 
+Each kill takes a relay that holds rows at that moment: the one drawn if it does, else the other
+(waiting up to HOLD_WAIT_S for one to): on one core the relay already running can take every row
+for a while, and a kill of an idle relay would prove nothing.
+
 A killed relay's claims are released by the live one as soon as it sees the dead one's heartbeat
 stop (relay/core/peers.py), not when the lease runs out. Each start gets a new relay id, as with
 the default ``relay_id`` (host:pid). It prints::
@@ -22,7 +26,7 @@ import time
 import pytest
 
 from relay.dev.sandbox.server import Faults
-from tests.chaos.kit import Harness
+from tests.chaos.kit import Harness, RelayProcess
 
 pytestmark = pytest.mark.chaos
 
@@ -32,6 +36,21 @@ KILL_EVERY_S = 20.0  # as in the benchmark
 KILLS = 10 if FULL else 2
 LEASE_S = 60.0  # the default lease, as in the benchmark
 WARM_UP_S = 5.0
+HOLD_WAIT_S = 20.0  # at most this long for a relay holding rows before a kill
+
+
+def first_holding(chaos: Harness, relays: list[RelayProcess]) -> RelayProcess | None:
+    """The first of ``relays`` that holds rows in flight (under its current relay id), waiting
+    up to HOLD_WAIT_S for one to; None if none did."""
+    sql = "select count(*) from outbox.action_status_updates where state = 'in_flight' and claimed_by = %s"
+    deadline = time.monotonic() + HOLD_WAIT_S
+    while True:
+        for relay in relays:
+            if int(chaos.probe.one(sql, (relay.env["RELAY_ID"],))):
+                return relay
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def test_kill9_and_restart_one_of_two_relays_every_20_s(chaos: Harness) -> None:
@@ -51,7 +70,9 @@ def test_kill9_and_restart_one_of_two_relays_every_20_s(chaos: Harness) -> None:
     held: list[tuple[object, list[int], object]] = []  # (kill time, rows it held, their lease end)
     killed: list[str] = []
     for _ in range(KILLS):  # a kill, then the 20 s until the next one (or the end)
-        victim = rng.choice(relays)
+        drawn = rng.choice(relays)
+        order = [drawn, *(r for r in relays if r is not drawn)]
+        victim = first_holding(chaos, order) or drawn
         victim.kill9()
         killed_at = chaos.db_now()
         dead_id = victim.env["RELAY_ID"]
